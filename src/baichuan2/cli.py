@@ -1,0 +1,72 @@
+"""`baichuan2 <verb> ...`: one command line over plain typed functions.
+
+Each verb lives in the subpackage it belongs to, as a module that exposes
+``COMMANDS``: either one function (``baichuan2 pretrain --config x.yaml``) or a
+dict of functions for sub-verbs (``baichuan2 tokenizer train ...``).  The
+arguments, their types and their ``--help`` text come from the function
+signature and docstring through jsonargparse, so every verb also accepts
+``--config recipe.yaml`` and dotted overrides (``--optim.lr 3e-4``).
+
+Modules are imported only for the verb that runs, so ``baichuan2 --help`` is
+instant and a missing optional extra (Ray, FastAPI) only matters to its verb.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module exposing COMMANDS, one-line summary)
+VERBS: dict[str, tuple[str, str]] = {
+    "data": ("baichuan2.data.cli", "clean, deduplicate, cluster and score a corpus (local or Ray)"),
+    "tokenizer": ("baichuan2.tokenizer.cli", "train a SentencePiece BPE, encode corpora to token shards, compression stats"),
+    "pretrain": ("baichuan2.train.cli", "pretrain a model from token shards (torchrun for multi-GPU/multi-node)"),
+    "plot": ("baichuan2.train.plot", "draw loss / LR / throughput curves from run logs to PNG"),
+    "scaling": ("baichuan2.pipeline.scaling_cli", "plan and run a model ladder, fit L(C) = a*C^b + L_inf, predict"),
+    "sft": ("baichuan2.align.sft_cli", "supervised fine-tuning on chat data (full or LoRA)"),
+    "rm": ("baichuan2.align.rm_cli", "train / evaluate a pairwise reward model"),
+    "ppo": ("baichuan2.align.ppo_cli", "RLHF with PPO (actor, reference, reward, critic)"),
+    "eval": ("baichuan2.eval.cli", "benchmarks (C-Eval/CMMLU/MMLU/Gaokao/AGIEval/BBH), perplexity, safety"),
+    "chat": ("baichuan2.serve.chat", "interactive streaming chat in the terminal"),
+    "serve": ("baichuan2.serve.server", "OpenAI-compatible HTTP server"),
+    "generate": ("baichuan2.model.generate", "complete a prompt with a checkpoint"),
+    "convert": ("baichuan2.model.convert", "convert checkpoints (Baichuan <-> Llama, .bin -> safetensors)"),
+    "pipeline": ("baichuan2.pipeline.run", "the whole Baichuan 2 recipe end to end on a bundled corpus"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = [
+        "usage: baichuan2 <verb> [options]    (baichuan2 <verb> --help for a verb's options)",
+        "",
+        "Baichuan 2, end to end: data -> tokenizer -> pretrain -> scaling -> sft/rm/ppo -> eval -> chat/serve.",
+        "",
+        "verbs:",
+    ]
+    lines += [f"  {verb.ljust(width)}  {summary}" for verb, (_, summary) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    if argv[0] in ("-V", "--version"):
+        from baichuan2 import __version__
+
+        print(__version__)
+        return
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"baichuan2: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(VERBS[verb][0])
+    from jsonargparse import auto_cli
+
+    auto_cli(module.COMMANDS, args=rest, prog=f"baichuan2 {verb}", as_positional=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Read and write the official Hugging Face checkpoint layout.
+
+A model directory holds ``config.json`` (model_type ``baichuan``, the official
+keys plus ``position_embedding``/``rope_theta``/``z_loss_weight``),
+``generation_config.json``, weights as ``model.safetensors`` or shards with
+``model.safetensors.index.json``, and usually the tokenizer.  Official
+``pytorch_model.bin`` files (single or sharded) are read with
+``torch.load(weights_only=True)``: never unpickled as code.  Directories are
+written under a temporary name and renamed into place, so a crash never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baichuan2.model.config import ModelConfig
+from baichuan2.model.model import Baichuan
+from baichuan2.utils.io import InputError, atomic_directory, atomic_write_json
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# Files that make `trust_remote_code=True` loaders (and tools that read auto_map) find our classes.
+_REMOTE_CODE_SHIMS = {
+    "configuration_baichuan.py": "from baichuan2.model.hf import BaichuanConfig  # noqa: F401\n",
+    "modeling_baichuan.py": "from baichuan2.model.hf import BaichuanForCausalLM  # noqa: F401\n",
+}
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read: missing, corrupt, truncated or inconsistent."""
+
+
+# ---------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    import transformers
+
+    return {
+        "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+        "tokenizer_class": "BaichuanTokenizer",
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "gradient_checkpointing": False,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": cfg.initializer_range,
+        "intermediate_size": cfg.intermediate_size,
+        "model_max_length": cfg.max_position_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "model_type": "baichuan",
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "pad_token_id": cfg.pad_token_id,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+        "transformers_version": transformers.__version__,
+        "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+        # not in the official files, which imply them (7B: RoPE base 10000; 13B: ALiBi)
+        "position_embedding": cfg.position_embedding,
+        "rope_theta": cfg.rope_theta,
+        "z_loss_weight": cfg.z_loss_weight,
+    }
+
+
+def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from an official or our own ``config.json`` dict."""
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise CheckpointError(f"{source}: missing keys {missing}")
+    if data.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {data['hidden_act']!r} is not supported (Baichuan uses silu)")
+    pos = data.get("position_embedding")
+    if pos is None:  # official files: the 7B (hidden 4096) uses RoPE, the 13B ALiBi -- vLLM's rule too
+        pos = "rope" if data["hidden_size"] == 4096 else "alibi"
+    try:
+        return ModelConfig(
+            vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+            intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
+            num_attention_heads=data["num_attention_heads"], position_embedding=pos,
+            max_position_embeddings=data.get("model_max_length", data.get("max_position_embeddings", 4096)),
+            rope_theta=data.get("rope_theta", 10000.0), rms_norm_eps=data.get("rms_norm_eps", 1e-6),
+            initializer_range=data.get("initializer_range", 0.02),
+            z_loss_weight=data.get("z_loss_weight", ModelConfig.z_loss_weight),
+            pad_token_id=data.get("pad_token_id", 0), bos_token_id=data.get("bos_token_id", 1),
+            eos_token_id=data.get("eos_token_id", 2))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json (not a model directory)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config_from_hf(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------------------
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors preferred."""
+    d = Path(directory)
+    for index_name, single in ((SAFE_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
+        index = d / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index}: unreadable index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            absent = [f for f in files if not (d / f).exists()]
+            if absent:
+                raise CheckpointError(f"{index}: shard files missing from {d}: {absent}")
+            return [d / f for f in files]
+        if (d / single).exists():
+            return [d / single]
+    raise CheckpointError(f"{d}: no weights found (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (truncated checkpoint?)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # zip errors, unpickling refused by weights_only, truncation
+        raise CheckpointError(f"{path}: cannot read as a PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a flat dict of tensors")
+    return state
+
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached", "future_mask")
+
+
+def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read every weight of a checkpoint directory into one CPU state dict."""
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for path in weight_files(directory):
+        for key, tensor in read_weight_file(path).items():
+            if key.endswith(_IGNORED_SUFFIXES):
+                continue  # derived buffers some exporters store; recomputed here
+            if key in state:
+                raise CheckpointError(f"{path}: tensor {key} also appears in {origin[key]}")
+            state[key], origin[key] = tensor, path
+    return state
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for key in sorted(set(expected) & set(state)):
+        if tuple(state[key].shape) != tuple(expected[key]):
+            problems.append(f"{key} has shape {tuple(state[key].shape)}, config expects {tuple(expected[key])}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match config.json: " + "; ".join(problems))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "auto",
+                    device: str | torch.device = "cpu", **config_overrides: Any) -> Baichuan:
+    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype."""
+    cfg = read_config(directory)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    state = load_state_dict(directory)
+    with torch.device("meta"):
+        model = Baichuan(cfg)
+    check_state_dict(state, model, str(directory))
+    model.load_state_dict(state, assign=True, strict=True)
+    if dtype != "auto":
+        model = model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    return model.to(resolve_device(device))
+
+
+def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_size: int = 2 * 1024**3,
+                    dtype: torch.dtype | None = None, generation_config: Mapping[str, Any] | None = None,
+                    tokenizer: Any = None, extra_files: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``model`` as a Hugging Face directory (atomically).
+
+    ``dtype`` casts floating weights on the way out (official files are bf16);
+    ``tokenizer`` is anything with ``save_pretrained(dir)``; ``extra_files``
+    maps file names to JSON-serialisable objects (e.g. release metadata).
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    stored_dtype = next(iter(state.values())).dtype
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[stored_dtype]
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            atomic_write_json(tmp / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name))
+        if generation_config is None:
+            from baichuan2.model.generate import SamplingConfig
+
+            generation_config = SamplingConfig.chat().to_generation_config(
+                model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id)
+        atomic_write_json(tmp / "generation_config.json", dict(generation_config))
+        for name, code in _REMOTE_CODE_SHIMS.items():
+            (tmp / name).write_text(code, encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            atomic_write_json(tmp / name, obj)
+    return Path(directory)

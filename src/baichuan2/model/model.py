@@ -1,0 +1,504 @@
+"""The Baichuan 2 transformer, in one readable module.
+
+Decoder-only, pre-norm (RMSNorm, eps 1e-6), SwiGLU MLP, fused ``W_pack`` QKV,
+RoPE (7B family, base 10000, computed in fp32) or ALiBi (13B family, Baichuan's
+slope formula for any head count), NormHead output layer (rows L2-normalised
+in the forward pass) and the max-z auxiliary loss.  No biases; untied
+embeddings.  Parameter names equal the official Hugging Face checkpoints, so
+``model.state_dict()`` *is* the official layout.
+
+Attention masks follow the official 13B code: ``attention_mask`` is a
+``[batch, seq]`` integer tensor where 0 marks padding and any positive value
+is a segment (document) id; a key is visible to a query only when both carry
+the same non-zero id and the key is not in the future.  Plain 0/1 HF masks are
+the one-segment special case, and packed pretraining rows use ids 1, 2, 3...
+Positions (RoPE) restart at every segment, so a packed row computes exactly
+what its documents would compute alone.
+
+Everything tensor-parallel code needs is read from tensor shapes rather than
+the config (heads per rank), so parallelism can be applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from baichuan2.model.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------
+# position encodings
+# ---------------------------------------------------------------------------------------
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi slopes exactly as Baichuan 2's ``_get_interleave`` (and BLOOM / the ALiBi paper).
+
+    For a power of two n the slopes are ``2^(-8k/n)``, k = 1..n.  Otherwise the
+    slopes of the closest smaller power of two c are followed by every other
+    slope of 2c, e.g. 40 heads = 32 geometric slopes + 8 interleaved ones.
+    """
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_2(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables kept in fp32 whatever the model dtype (the paper's bf16 position fix).
+
+    The tables are plain attributes, not buffers, so ``model.to(bfloat16)`` cannot
+    round them and they never appear in a state dict (as in the official files).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self._max = max_positions
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def _tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cos.device != device or self._cos.shape[0] < length:
+            n = max(length, self._max)
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
+                                            / self.head_dim))
+            t = torch.arange(n, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = emb.cos(), emb.sin()
+        return self._cos, self._sin
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [b, heads, t, head_dim]; position_ids: [b, t] (or [1, t])."""
+        cos, sin = self._tables(int(position_ids.max()) + 1, q.device)
+        cos = cos[position_ids].unsqueeze(1)  # [b, 1, t, d]
+        sin = sin[position_ids].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # GPT-NeoX "half" convention (not interleaved), in fp32, cast back: identical to HF Baichuan/Llama.
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of every token within its run of equal mask values (0-based).
+
+    For a left-padded 0/1 mask this is ``cumsum - 1`` on real tokens; for packed
+    segment ids it restarts at each document.
+    """
+    b, t = attention_mask.shape
+    idx = torch.arange(t, device=attention_mask.device).expand(b, t)
+    starts = torch.ones_like(attention_mask, dtype=torch.bool)
+    starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
+    run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - run_start
+
+
+# ---------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------
+
+class Cache(Protocol):
+    """What attention needs from a KV cache; transformers' ``DynamicCache`` fits as is."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers: decoding writes in place, no concatenation.
+
+    Shapes are ``[batch, heads, max_len, head_dim]``.  ``update`` appends this
+    step's keys/values for one layer and returns views of everything so far.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model: Baichuan, batch: int, max_len: int) -> KVCache:
+        p = model.model.embed_tokens.weight
+        cfg = model.config
+        return cls(cfg.num_hidden_layers, batch, cfg.num_attention_heads, cfg.head_dim, max_len, p.device, p.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.lengths[layer_idx]
+        end = start + key_states.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer_idx][:, :, start:end] = key_states
+        self.values[layer_idx][:, :, start:end] = value_states
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only / reorder batch rows (used when finished sequences leave a batch)."""
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].index_select(0, index)
+            self.values[i] = self.values[i].index_select(0, index)
+
+
+# ---------------------------------------------------------------------------------------
+# attention masks
+# ---------------------------------------------------------------------------------------
+
+def build_attention_bias(q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype,
+                         attention_mask: torch.Tensor | None = None,
+                         slopes: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+    """Return ``(attn_mask, is_causal)`` for SDPA.
+
+    Queries are the last ``q_len`` of ``kv_len`` positions.  Without padding,
+    segments or ALiBi the result is ``(None, True)`` for a square causal block
+    (so SDPA can pick its flash / memory-efficient kernels) or ``(None, False)``
+    for one decoding step.  Otherwise an explicit mask: boolean ``[b, 1, q, kv]``
+    for RoPE, additive float ``[b|1, heads, q, kv]`` with the ALiBi bias.
+    """
+    past = kv_len - q_len
+    if attention_mask is None and slopes is None:
+        if past == 0:
+            return None, True
+        if q_len == 1:
+            return None, False
+    q_pos = torch.arange(past, kv_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, q, kv]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != kv_len:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {kv_len} "
+                             f"(past {past} + new {q_len})")
+        seg_k = attention_mask
+        seg_q = attention_mask[:, past:]
+        allowed = allowed & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] != 0)
+        # A padding query sees nothing; let it see itself so softmax stays finite
+        # (its output is never used: its own label is ignored and no real token attends to it).
+        allowed = allowed | (q_pos[:, None] == k_pos[None, :])[None]
+    allowed = allowed[:, None]  # [b|1, 1, q, kv]
+    if slopes is None:
+        return allowed, False
+    rel = (k_pos[None, :] - q_pos[:, None]).to(torch.float32)  # j - i <= 0 where visible
+    bias = slopes.to(device=device, dtype=torch.float32)[:, None, None] * rel[None]  # [heads, q, kv]
+    bias = bias[None].masked_fill(~allowed, float("-inf"))
+    return bias.to(dtype), False
+
+
+@dataclass
+class AttentionBias:
+    """How every layer of one forward pass attends: built once per forward, shared by all layers."""
+
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+    flex: Any = None  # callable (q, k, v) -> out, when FlexAttention is in use
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of q/k/v inside the layers: the autocast dtype when autocast is on."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+# ---------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 and cast back (as the official code)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        h = config.hidden_size
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.W_pack = nn.Linear(h, 3 * h, bias=False)  # rows: [Wq; Wk; Wv]
+        self.o_proj = nn.Linear(h, h, bias=False)
+
+    def forward(self, x: torch.Tensor, *, rope: RotaryEmbedding | None, position_ids: torch.Tensor | None,
+                bias: AttentionBias, cache: Cache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.W_pack(x).unflatten(-1, (3, -1, self.head_dim))  # [b, t, 3, heads, d]
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [b, heads, t, d]
+        if rope is not None:
+            q, k = rope(q, k, position_ids)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if bias.flex is not None:
+            y = bias.flex(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.mask, is_causal=bias.is_causal)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), **attn_kwargs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class NormHead(nn.Module):
+    """Output head whose vocabulary rows are L2-normalised in the forward pass.
+
+    The stored weight stays un-normalised (as in the official checkpoints); the
+    gradient flows through the normalisation.  Without grad the normalised
+    matrix is cached until the weight changes (tracked by its version counter),
+    so decoding does not renormalise a [vocab x hidden] matrix every token.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self._cache: tuple[Any, torch.Tensor] | None = None
+
+    def normalized_weight(self) -> torch.Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return F.normalize(w, dim=-1)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, F.normalize(w.detach(), dim=-1))
+        return self._cache[1]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.normalized_weight())
+
+
+class BaichuanModel(nn.Module):
+    """The trunk: embeddings, decoder layers and the final norm (``model.*`` in checkpoints)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.position_embedding == "rope":
+            self.rope: RotaryEmbedding | None = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                                                config.rope_theta)
+            self._slopes = None
+        else:
+            self.rope = None
+            self._slopes = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32, device="cpu")
+        self.gradient_checkpointing = False
+        # Set by tensor-parallel code when each rank holds a slice of the heads (ALiBi needs their slopes).
+        self.head_slice: slice | None = None
+
+    def slopes(self, heads: int, device: torch.device) -> torch.Tensor | None:
+        """ALiBi slopes for the heads this module holds (all, or one tensor-parallel slice)."""
+        if self._slopes is None:
+            return None
+        if self._slopes.device != device:
+            self._slopes = self._slopes.to(device)
+        if heads == self.config.num_attention_heads:
+            return self._slopes
+        if self.head_slice is None:
+            raise RuntimeError(f"layers hold {heads} of {self.config.num_attention_heads} heads but head_slice is "
+                               "unset; tensor-parallel code must set model.model.head_slice to this rank's heads")
+        return self._slopes[self.head_slice]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        t = x.shape[1]
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(torch.long)
+            if attention_mask.shape[1] != past + t:
+                raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions; expected past + new = "
+                                 f"{past} + {t}")
+            if bool((attention_mask == attention_mask[:, :1]).all()) and bool((attention_mask[:, 0] != 0).all()):
+                attention_mask = None  # one segment, no padding: let SDPA take its fast causal path
+        if self.rope is not None and position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, -t:]
+            else:
+                position_ids = torch.arange(past, past + t, device=x.device)[None]
+        heads = self.layers[0].self_attn.W_pack.weight.shape[0] // (3 * self.config.head_dim) if self.layers else 0
+        slopes = self.slopes(heads, x.device)
+        if self.config.attn_implementation == "flex" and cache is None:
+            from baichuan2.model.flex import flex_attention_bias
+
+            bias = AttentionBias(flex=flex_attention_bias(t, attention_mask, slopes, x.device))
+        else:
+            mask, is_causal = build_attention_bias(t, past + t, x.device, _compute_dtype(x), attention_mask, slopes)
+            bias = AttentionBias(mask=mask, is_causal=is_causal)
+        attn_kwargs = dict(rope=self.rope, position_ids=position_ids, bias=bias, cache=cache)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False, **attn_kwargs)
+            else:
+                x = layer(x, **attn_kwargs)
+        return self.norm(x)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # ce_loss + z_loss_weight * z_loss
+    ce_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None  # mean over target positions of (max logit)^2, unweighted
+    hidden_states: torch.Tensor | None = None
+
+
+class Baichuan(nn.Module):
+    """Baichuan 2 causal LM: ``model`` (trunk) + ``lm_head`` (NormHead)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = BaichuanModel(config)
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialise as the official code: every Linear/Embedding ~ N(0, 0.02), norms = 1,
+        the padding row of the embedding zeroed, NormHead kaiming-uniform (a = sqrt 5)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, NormHead):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: Cache | None = None, return_logits: bool = True, return_hidden: bool = False,
+                last_only: bool = False) -> ModelOutput:
+        """Run the model.
+
+        ``targets`` are already aligned with the inputs (``targets[:, i]`` is the
+        token after ``input_ids[:, i]``; -100 = ignored).  With targets the output
+        carries ``loss = ce + z_loss_weight * z`` where z is the mean squared max
+        logit over target positions (the paper's max-z loss).  ``last_only``
+        computes logits for the final position only (generation).
+        """
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        out = ModelOutput(hidden_states=hidden if return_hidden else None)
+        if targets is not None:
+            out.ce_loss, out.z_loss, logits = self.loss(hidden, targets, return_logits=return_logits)
+            out.loss = out.ce_loss + self.config.z_loss_weight * out.z_loss
+            out.logits = logits
+        elif return_logits:
+            out.logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        return out
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
+             return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return causal_lm_loss(self.lm_head, hidden, targets, self.config.loss_chunk_size, return_logits)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel() + self.lm_head.weight.numel()
+        return n
+
+
+def causal_lm_loss(head: NormHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 0,
+                   return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy and mean squared max logit over positions whose target is not -100.
+
+    With ``chunk_size`` the head and loss run chunk by chunk under activation
+    checkpointing: peak memory holds one ``[chunk, vocab]`` block of logits.
+    The official code averages z^2 over every position, padding included; here
+    ignored positions are excluded so padding never shapes the logits.
+    """
+    h = hidden.flatten(0, 1)
+    y = targets.flatten()
+    n_valid = (y != IGNORE_INDEX).sum().clamp(min=1)
+    if chunk_size and not return_logits and h.shape[0] > chunk_size and torch.is_grad_enabled():
+        w = head.normalized_weight()
+        ce_sum = h.new_zeros((), dtype=torch.float32)
+        z_sum = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], chunk_size):
+            c, z = checkpoint(_head_loss_sums, h[start:start + chunk_size], w, y[start:start + chunk_size],
+                              use_reentrant=False)
+            ce_sum, z_sum = ce_sum + c, z_sum + z
+        return ce_sum / n_valid, z_sum / n_valid, None
+    logits = head(hidden)
+    ce_sum, z_sum = _logit_loss_sums(logits.flatten(0, 1), y)
+    return ce_sum / n_valid, z_sum / n_valid, (logits if return_logits else None)
+
+
+def _logit_loss_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    ce = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+    z = logits.max(dim=-1).values.pow(2).masked_fill(y == IGNORE_INDEX, 0.0).sum()
+    return ce, z
+
+
+def _head_loss_sums(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _logit_loss_sums(F.linear(h, w), y)
