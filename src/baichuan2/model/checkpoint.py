@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -220,12 +221,13 @@ def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "au
 def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_size: int = 2 * 1024**3,
                     dtype: torch.dtype | None = None, generation_config: Mapping[str, Any] | None = None,
                     tokenizer: Any = None, extra_files: Mapping[str, Any] | None = None,
-                    overwrite: bool = False) -> Path:
+                    copy_files: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
     """Write ``model`` as a Hugging Face directory (atomically).
 
     ``dtype`` casts floating weights on the way out (official files are bf16);
     ``tokenizer`` is anything with ``save_pretrained(dir)``; ``extra_files``
-    maps file names to JSON-serialisable objects (e.g. release metadata).
+    maps file names to JSON-serialisable objects (e.g. release metadata);
+    ``copy_files`` are copied in as they are (e.g. another checkpoint's tokenizer files).
     """
     from safetensors.torch import save_file
 
@@ -269,4 +271,6 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             atomic_write_json(tmp / name, obj)
+        for path in copy_files:
+            shutil.copyfile(path, tmp / Path(path).name)
     return Path(directory)
