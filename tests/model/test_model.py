@@ -208,18 +208,41 @@ def test_max_z_loss_by_hand():
 
 
 @pytest.mark.parametrize("pos", POSITIONS)
-def test_chunked_loss_equals_full_loss_and_grads(pos):
-    full, chunked = make(pos), make(pos, loss_chunk_size=7)
-    chunked.load_state_dict(full.state_dict())
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_fused_loss_equals_plain_loss_and_grads(pos, chunk):
+    plain, fused = make(pos, fused_loss=False), make(pos, fused_loss=True, loss_chunk_size=chunk)
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for m in (plain, fused):
+            m.lm_head.weight.mul_(torch.linspace(0.5, 3.0, 512)[:, None])  # un-normalised rows
     ids = torch.randint(3, 512, (2, 20))
     targets = ids.roll(-1, 1)
     targets[:, -1] = -100
-    a, b = full.train()(ids, targets, return_logits=False), chunked.train()(ids, targets, return_logits=False)
-    a.loss.backward()
-    b.loss.backward()
+    targets[1, :4] = -100
+    a, b = plain.train()(ids, targets, return_logits=False), fused.train()(ids, targets, return_logits=False)
+    assert b.logits is None
+    (3.0 * a.loss).backward()  # a non-unit upstream gradient must scale the fused grads too
+    (3.0 * b.loss).backward()
     assert torch.allclose(a.loss, b.loss, atol=1e-6)
-    for (name, p), q in zip(full.named_parameters(), chunked.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    assert torch.allclose(a.ce_loss, b.ce_loss, atol=1e-6) and torch.allclose(a.z_loss, b.z_loss, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), name
+
+
+def test_fused_loss_under_bf16_autocast_matches_plain():
+    plain, fused = make("rope", fused_loss=False), make("rope")
+    fused.load_state_dict(plain.state_dict())
+    ids = torch.randint(3, 512, (2, 16))
+    targets = ids.roll(-1, 1)
+    losses = []
+    for m in (plain.train(), fused.train()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(ids, targets, return_logits=False)
+        out.loss.backward()
+        losses.append(out.loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=2e-3, rtol=5e-2)
 
 
 def test_rope_tables_stay_fp32_in_bf16_model():

@@ -47,10 +47,11 @@ class ModelConfig:
     # the inputs allow); "flex": torch FlexAttention with ALiBi as a score_mod and packed
     # documents as a block mask (never materialises an S x S bias; needs torch.compile).
     attn_implementation: Literal["sdpa", "flex"] = "sdpa"
-    # Split the output-head + cross-entropy over chunks of this many positions with
-    # recomputation, so [tokens x vocab] logits never exist at once (0 = off).
-    # Baichuan 2 split the large-vocabulary cross-entropy for the same reason.
-    loss_chunk_size: int = 0
+    # Fuse the output head with cross-entropy + max-z and run it over chunks of
+    # positions, so [tokens x vocab] logits never exist at once (Baichuan 2 split the
+    # large-vocabulary cross-entropy for the same reason); see model/fused_loss.py.
+    fused_loss: bool = True
+    loss_chunk_size: int = 0  # rows per chunk of the fused loss; 0 = auto (~8 MB of logits)
 
     def __post_init__(self) -> None:
         self.validate()

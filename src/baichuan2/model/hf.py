@@ -135,8 +135,8 @@ class BaichuanForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-            ce, z, logits = causal_lm_loss(self.lm_head, hidden, targets, return_logits=True)
-            loss = ce + self.config.z_loss_weight * z
+            loss, _, _, logits = causal_lm_loss(self.lm_head, hidden, targets, self.config.z_loss_weight,
+                                                return_logits=True)
             if logits_to_keep:
                 logits = logits[:, -logits_to_keep:]
         else:

@@ -65,6 +65,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0):
         super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim, self.base = head_dim, base
         self._max = max_positions
         self._cos: torch.Tensor | None = None
@@ -81,16 +83,19 @@ class RotaryEmbedding(nn.Module):
             self._cos, self._sin = emb.cos(), emb.sin()
         return self._cos, self._sin
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: [b, heads, t, head_dim]; position_ids: [b, t] (or [1, t])."""
-        cos, sin = self._tables(int(position_ids.max()) + 1, q.device)
-        cos = cos[position_ids].unsqueeze(1)  # [b, 1, t, d]
-        sin = sin[position_ids].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, position_ids: torch.Tensor, max_position: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for ``position_ids`` [b, t] as [b, t, 1, 1, head_dim] (fp32), once per forward pass.
+
+        ``max_position`` bounds the ids (past + new tokens) so no device sync is needed."""
+        cos, sin = self._tables(max_position + 1, device)
+        return cos[position_ids][:, :, None, None], sin[position_ids][:, :, None, None]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # GPT-NeoX "half" convention (not interleaved), in fp32, cast back: identical to HF Baichuan/Llama.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [b, t, ..., head_dim] in fp32 and cast back.
+
+    GPT-NeoX "half" convention (not interleaved), identical to HF Baichuan 2-7B and Llama."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -253,13 +258,16 @@ class Attention(nn.Module):
         self.W_pack = nn.Linear(h, 3 * h, bias=False)  # rows: [Wq; Wk; Wv]
         self.o_proj = nn.Linear(h, h, bias=False)
 
-    def forward(self, x: torch.Tensor, *, rope: RotaryEmbedding | None, position_ids: torch.Tensor | None,
-                bias: AttentionBias, cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None, bias: AttentionBias,
+                cache: Cache | None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.W_pack(x).unflatten(-1, (3, -1, self.head_dim))  # [b, t, 3, heads, d]
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [b, heads, t, d]
+        # split (not indexing) so the backward pass concatenates instead of zero-filling per tensor
+        qk, v = qkv.split((2, 1), dim=2)
         if rope is not None:
-            q, k = rope(q, k, position_ids)
+            qk = apply_rope(qk, *rope)  # q and k rotated in one pass
+        q, k = qk.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)  # [b, heads, t, d]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if bias.flex is not None:
@@ -314,11 +322,22 @@ class NormHead(nn.Module):
             return F.normalize(w, dim=-1)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, F.normalize(w.detach(), dim=-1))
+            normalized = F.normalize(w.detach(), dim=-1)
+            if normalized.device.type == "cpu":  # column-major: faster matrix-vector products when decoding
+                normalized = normalized.t().contiguous().t()
+            self._cache = (key, normalized)
         return self._cache[1]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.normalized_weight())
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, z_weight: float = 0.0,
+                chunk_rows: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, or with ``targets`` the fused ``(ce + z_weight * z, ce, z)`` without materialising logits.
+
+        (The loss runs inside this module's call so FSDP/hooks see the head being used.)"""
+        if targets is None:
+            return F.linear(hidden, self.normalized_weight())
+        from baichuan2.model.fused_loss import fused_head_loss
+
+        return fused_head_loss(hidden, self.normalized_weight(), targets, z_weight, chunk_rows)
 
 
 class BaichuanModel(nn.Module):
@@ -367,11 +386,14 @@ class BaichuanModel(nn.Module):
                                  f"{past} + {t}")
             if bool((attention_mask == attention_mask[:, :1]).all()) and bool((attention_mask[:, 0] != 0).all()):
                 attention_mask = None  # one segment, no padding: let SDPA take its fast causal path
+        max_position = past + t  # bound on derived position ids, known without a device sync
         if self.rope is not None and position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, -t:]
             else:
                 position_ids = torch.arange(past, past + t, device=x.device)[None]
+        elif position_ids is not None:
+            max_position = int(position_ids.max())
         heads = self.layers[0].self_attn.W_pack.weight.shape[0] // (3 * self.config.head_dim) if self.layers else 0
         slopes = self.slopes(heads, x.device)
         if self.config.attn_implementation == "flex" and cache is None:
@@ -381,7 +403,8 @@ class BaichuanModel(nn.Module):
         else:
             mask, is_causal = build_attention_bias(t, past + t, x.device, _compute_dtype(x), attention_mask, slopes)
             bias = AttentionBias(mask=mask, is_causal=is_causal)
-        attn_kwargs = dict(rope=self.rope, position_ids=position_ids, bias=bias, cache=cache)
+        rope = self.rope(position_ids, max_position, x.device) if self.rope is not None else None
+        attn_kwargs = dict(rope=rope, bias=bias, cache=cache)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False, **attn_kwargs)
@@ -435,22 +458,21 @@ class Baichuan(nn.Module):
         ``targets`` are already aligned with the inputs (``targets[:, i]`` is the
         token after ``input_ids[:, i]``; -100 = ignored).  With targets the output
         carries ``loss = ce + z_loss_weight * z`` where z is the mean squared max
-        logit over target positions (the paper's max-z loss).  ``last_only``
-        computes logits for the final position only (generation).
+        logit over target positions (the paper's max-z loss); backpropagate
+        ``loss`` (with the fused loss, ``ce_loss``/``z_loss`` are detached
+        values for logging).  Logits are skipped when ``return_logits=False``
+        and targets are given.  ``last_only`` computes logits for the final
+        position only (generation).
         """
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
         out = ModelOutput(hidden_states=hidden if return_hidden else None)
         if targets is not None:
-            out.ce_loss, out.z_loss, logits = self.loss(hidden, targets, return_logits=return_logits)
-            out.loss = out.ce_loss + self.config.z_loss_weight * out.z_loss
-            out.logits = logits
+            out.loss, out.ce_loss, out.z_loss, out.logits = causal_lm_loss(
+                self.lm_head, hidden, targets, self.config.z_loss_weight, fused=self.config.fused_loss,
+                chunk_rows=self.config.loss_chunk_size, return_logits=return_logits)
         elif return_logits:
             out.logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         return out
-
-    def loss(self, hidden: torch.Tensor, targets: torch.Tensor,
-             return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return causal_lm_loss(self.lm_head, hidden, targets, self.config.loss_chunk_size, return_logits)
 
     @property
     def device(self) -> torch.device:
@@ -467,38 +489,24 @@ class Baichuan(nn.Module):
         return n
 
 
-def causal_lm_loss(head: NormHead, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 0,
-                   return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Mean cross-entropy and mean squared max logit over positions whose target is not -100.
+def causal_lm_loss(head: NormHead, hidden: torch.Tensor, targets: torch.Tensor, z_weight: float,
+                   fused: bool = True, chunk_rows: int = 0, return_logits: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(loss, ce, z, logits)``: mean cross-entropy and mean squared max logit over targets != -100.
 
-    With ``chunk_size`` the head and loss run chunk by chunk under activation
-    checkpointing: peak memory holds one ``[chunk, vocab]`` block of logits.
-    The official code averages z^2 over every position, padding included; here
-    ignored positions are excluded so padding never shapes the logits.
+    The fused path (default when logits are not requested) never materialises
+    the logits; its ``ce``/``z`` are detached values and ``loss`` carries the
+    gradient.  The official code averages z^2 over every position, padding
+    included; here ignored positions are excluded so padding never shapes the logits.
     """
-    h = hidden.flatten(0, 1)
-    y = targets.flatten()
-    n_valid = (y != IGNORE_INDEX).sum().clamp(min=1)
-    if chunk_size and not return_logits and h.shape[0] > chunk_size and torch.is_grad_enabled():
-        w = head.normalized_weight()
-        ce_sum = h.new_zeros((), dtype=torch.float32)
-        z_sum = h.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.shape[0], chunk_size):
-            c, z = checkpoint(_head_loss_sums, h[start:start + chunk_size], w, y[start:start + chunk_size],
-                              use_reentrant=False)
-            ce_sum, z_sum = ce_sum + c, z_sum + z
-        return ce_sum / n_valid, z_sum / n_valid, None
+    if fused and not return_logits:
+        loss, ce, z = head(hidden, targets=targets, z_weight=z_weight, chunk_rows=chunk_rows)
+        return loss, ce, z, None
     logits = head(hidden)
-    ce_sum, z_sum = _logit_loss_sums(logits.flatten(0, 1), y)
-    return ce_sum / n_valid, z_sum / n_valid, (logits if return_logits else None)
-
-
-def _logit_loss_sums(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.float()
-    ce = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
-    z = logits.max(dim=-1).values.pow(2).masked_fill(y == IGNORE_INDEX, 0.0).sum()
-    return ce, z
-
-
-def _head_loss_sums(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _logit_loss_sums(F.linear(h, w), y)
+    flat = logits.flatten(0, 1).float()
+    y = targets.flatten()
+    valid = y != IGNORE_INDEX
+    n_valid = valid.sum().clamp(min=1)
+    ce = F.cross_entropy(flat, y, ignore_index=IGNORE_INDEX, reduction="sum") / n_valid
+    z = flat.max(dim=-1).values.pow(2).masked_fill(~valid, 0.0).sum() / n_valid
+    return ce + z_weight * z, ce, z, (logits if return_logits else None)
