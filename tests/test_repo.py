@@ -1,0 +1,63 @@
+"""Repository-level checks: CI runs the README's test command, every module imports, the CLI answers."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import baichuan2
+from baichuan2.cli import VERBS
+from baichuan2.cli import main as cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert block, "README must open with a bash block holding the two set-up commands"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_opens_with_pipeline_and_test_commands():
+    main_job, tests = readme_commands()[:2]
+    assert main_job.endswith("baichuan2 pipeline")
+    assert "pytest" in tests and "pip install torch==2.13.0" in tests
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert readme_commands()[1] in ci
+
+
+def test_every_module_imports():
+    """Catches optional dependencies imported at module level and syntax errors in rarely used files."""
+    failures = {}
+    for info in pkgutil.walk_packages(baichuan2.__path__, prefix="baichuan2."):
+        try:
+            importlib.import_module(info.name)
+        except Exception as e:  # report all at once
+            failures[info.name] = repr(e)
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_has_help(verb, capsys):
+    module = importlib.import_module(VERBS[verb][0])
+    assert hasattr(module, "COMMANDS"), f"{VERBS[verb][0]} lacks COMMANDS"
+    with pytest.raises(SystemExit) as exit_info:
+        cli([verb, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"baichuan2 {verb}" in out and "usage" in out.lower()
+
+
+def test_unknown_verb_is_a_clear_error():
+    result = subprocess.run([sys.executable, "-m", "baichuan2.cli", "frobnicate"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown verb 'frobnicate'" in result.stderr
