@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 def _register_with_transformers() -> None:
     try:
         from baichuan2.model import hf  # noqa: F401  (registers on import)
+        from baichuan2.tokenizer import hf as tokenizer_hf  # noqa: F401
     except Exception as e:  # an incompatible transformers must not break the rest of the package
         warnings.warn(f"baichuan2: could not register with transformers' Auto classes: {e}", stacklevel=2)
 

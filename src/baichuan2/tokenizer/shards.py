@@ -39,7 +39,7 @@ class ShardInfo:
 
 def write_shard(prefix: str | os.PathLike, docs: Iterable[Sequence[int] | np.ndarray], eos_id: int,
                 weights: Sequence[float] | None = None, sources: Sequence[str] | None = None,
-                doc_ids: Sequence[str] | None = None) -> ShardInfo:
+                doc_ids: Sequence[str] | None = None, text_bytes: Sequence[int] | None = None) -> ShardInfo:
     """Write one shard atomically (``.bin`` then ``.idx.parquet``); EOS is appended to every document."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -61,17 +61,21 @@ def write_shard(prefix: str | os.PathLike, docs: Iterable[Sequence[int] | np.nda
             lengths.append(arr.size + 1)
             total += arr.size + 1
     n = len(offsets)
-    for name, column in (("weights", weights), ("sources", sources), ("doc_ids", doc_ids)):
+    for name, column in (("weights", weights), ("sources", sources), ("doc_ids", doc_ids),
+                         ("text_bytes", text_bytes)):
         if column is not None and len(column) != n:
             raise ValueError(f"{name} has {len(column)} entries for {n} documents")
-    table = pa.table({
+    columns = {
         "offset": pa.array(offsets, pa.int64()),
         "length": pa.array(lengths, pa.int32()),
         "weight": pa.array(list(weights) if weights is not None else [1.0] * n, pa.float32()),
         "source": pa.array(list(sources) if sources is not None else [""] * n, pa.string()).dictionary_encode(),
         "doc_id": pa.array(list(doc_ids) if doc_ids is not None else [f"{prefix.name}:{i}" for i in range(n)],
                            pa.string()),
-    })
+    }
+    if text_bytes is not None:
+        columns["text_bytes"] = pa.array(list(text_bytes), pa.int64())
+    table = pa.table(columns)
     with atomic_open(prefix.with_name(prefix.name + INDEX_SUFFIX), "wb") as fh:
         pq.write_table(table, fh)
     return ShardInfo(prefix.name, n, total)
@@ -98,6 +102,8 @@ class TokenShard:
         self.weights = table.column("weight").to_numpy().astype(np.float64)
         self.sources = [str(s) for s in table.column("source").to_pylist()]
         self.doc_ids = table.column("doc_id").to_pylist()
+        # UTF-8 bytes of each source document (written by the encoder; absent in older shards)
+        self.text_bytes = (table.column("text_bytes").to_numpy() if "text_bytes" in table.column_names else None)
         expected = int(self.lengths.sum()) * TOKEN_DTYPE.itemsize
         actual = bin_path.stat().st_size
         if actual != expected:

@@ -17,6 +17,7 @@ from baichuan2.utils.io import InputError, atomic_write_json
 
 USER_TOKEN = "<reserved_106>"  # id 195 in the real vocabulary
 ASSISTANT_TOKEN = "<reserved_107>"  # id 196
+WHITESPACE_MARK = "\u2581"  # SentencePiece's escaped space
 
 
 class Tokenizer:
@@ -38,6 +39,7 @@ class Tokenizer:
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk_id
         self.user_id = self._special_id(USER_TOKEN)
         self.assistant_id = self._special_id(ASSISTANT_TOKEN)
+        self._mark_ids: list[int] | None = None
 
     def _special_id(self, piece: str) -> int:
         idx = self.sp.piece_to_id(piece)
@@ -55,11 +57,32 @@ class Tokenizer:
 
     # ---- encoding -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(_check_text(text), out_type=int)
+        text = _check_text(text)
+        if WHITESPACE_MARK in text:
+            return self._encode_with_marks(text)
+        return self.sp.encode(text, out_type=int)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """Encode many texts at once in SentencePiece's C++ thread pool."""
-        return self.sp.encode([_check_text(t) for t in texts], out_type=int, num_threads=num_threads)
+        texts = [_check_text(t) for t in texts]
+        out = self.sp.encode(texts, out_type=int, num_threads=num_threads)
+        for i, t in enumerate(texts):
+            if WHITESPACE_MARK in t:
+                out[i] = self._encode_with_marks(t)
+        return out
+
+    def _encode_with_marks(self, text: str) -> list[int]:
+        # SentencePiece writes spaces as U+2581, so a literal U+2581 would decode as a space.
+        # Spell it with its three UTF-8 byte pieces instead: decode(encode(text)) == text always.
+        if self._mark_ids is None:
+            self._mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in WHITESPACE_MARK.encode("utf-8")]
+        ids: list[int] = []
+        for i, part in enumerate(text.split(WHITESPACE_MARK)):
+            if i:
+                ids += self._mark_ids
+            if part:
+                ids += self.sp.encode(part, out_type=int)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
