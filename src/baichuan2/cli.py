@@ -48,6 +48,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def recipe_parser(verb: str, sub: str | None = None):
+    """The jsonargparse parser of a verb (or sub-verb), e.g. to validate a YAML recipe without running it."""
+    from jsonargparse import auto_parser
+
+    commands = importlib.import_module(VERBS[verb][0]).COMMANDS
+    fn = commands[sub] if isinstance(commands, dict) else commands
+    return auto_parser(fn, as_positional=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -360,18 +360,13 @@ class BaichuanModel(nn.Module):
         # Set by tensor-parallel code when each rank holds a slice of the heads (ALiBi needs their slopes).
         self.head_slice: slice | None = None
 
-    def slopes(self, heads: int, device: torch.device) -> torch.Tensor | None:
-        """ALiBi slopes for the heads this module holds (all, or one tensor-parallel slice)."""
+    def slopes(self, device: torch.device) -> torch.Tensor | None:
+        """ALiBi slopes for the heads this module computes: all, or this tensor-parallel rank's slice."""
         if self._slopes is None:
             return None
         if self._slopes.device != device:
             self._slopes = self._slopes.to(device)
-        if heads == self.config.num_attention_heads:
-            return self._slopes
-        if self.head_slice is None:
-            raise RuntimeError(f"layers hold {heads} of {self.config.num_attention_heads} heads but head_slice is "
-                               "unset; tensor-parallel code must set model.model.head_slice to this rank's heads")
-        return self._slopes[self.head_slice]
+        return self._slopes if self.head_slice is None else self._slopes[self.head_slice]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Cache | None = None,
@@ -394,8 +389,7 @@ class BaichuanModel(nn.Module):
                 position_ids = torch.arange(past, past + t, device=x.device)[None]
         elif position_ids is not None:
             max_position = int(position_ids.max())
-        heads = self.layers[0].self_attn.W_pack.weight.shape[0] // (3 * self.config.head_dim) if self.layers else 0
-        slopes = self.slopes(heads, x.device)
+        slopes = self.slopes(x.device)
         if self.config.attn_implementation == "flex" and cache is None:
             from baichuan2.model.flex import flex_attention_bias
 
