@@ -226,7 +226,10 @@ def test_fused_loss_equals_plain_loss_and_grads(pos, chunk):
     assert torch.allclose(a.loss, b.loss, atol=1e-6)
     assert torch.allclose(a.ce_loss, b.ce_loss, atol=1e-6) and torch.allclose(a.z_loss, b.z_loss, atol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), name
+        # Relative to the gradient's own scale: the two paths sum in different orders, and thread counts
+        # differ between machines, so elementwise atol on near-zero entries is flaky.
+        rel = (p.grad - q.grad).norm() / p.grad.norm().clamp_min(1e-12)
+        assert rel < 1e-4, (name, rel.item())
 
 
 def test_fused_loss_under_bf16_autocast_matches_plain():

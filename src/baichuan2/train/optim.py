@@ -43,8 +43,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
 
 
 def build_optimizer(model: torch.nn.Module, args: OptimArgs) -> torch.optim.AdamW:
+    from torch.distributed.tensor import DTensor
+
     groups = param_groups(model, args.weight_decay, args.decay_embeddings)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    # the fused kernel (one pass over each parameter) where every parameter is a plain tensor
+    fused = not any(isinstance(p, DTensor) for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=fused)
 
 
 def lr_at(step: int, args: OptimArgs, max_steps: int) -> float:
