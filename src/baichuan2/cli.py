@@ -23,10 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("baichuan2.train.cli", "pretrain a model from token shards (torchrun for multi-GPU/multi-node)"),
     "plot": ("baichuan2.train.plot", "draw loss / LR / throughput curves from run logs to PNG"),
     "scaling": ("baichuan2.pipeline.scaling_cli", "plan and run a model ladder, fit L(C) = a*C^b + L_inf, predict"),
-    "sft": ("baichuan2.align.sft_cli", "supervised fine-tuning on chat data (full or LoRA)"),
-    "rm": ("baichuan2.align.rm_cli", "train / evaluate a pairwise reward model"),
-    "ppo": ("baichuan2.align.ppo_cli", "RLHF with PPO (actor, reference, reward, critic)"),
-    "eval": ("baichuan2.eval.cli", "benchmarks (C-Eval/CMMLU/MMLU/Gaokao/AGIEval/BBH), perplexity, safety"),
+    "sft": ("baichuan2.align.sft_cli", "supervised fine-tuning on chat data, assistant-only loss (full or LoRA)"),
+    "eval": ("baichuan2.eval.cli", "benchmarks (C-Eval/CMMLU/MMLU/Gaokao/AGIEval 5-shot, BBH 3-shot), perplexity"),
     "chat": ("baichuan2.serve.chat", "interactive streaming chat in the terminal"),
     "serve": ("baichuan2.serve.server", "OpenAI-compatible HTTP server"),
     "generate": ("baichuan2.model.generate", "complete a prompt with a checkpoint"),
@@ -40,7 +38,7 @@ def _usage() -> str:
     lines = [
         "usage: baichuan2 <verb> [options]    (baichuan2 <verb> --help for a verb's options)",
         "",
-        "Baichuan 2, end to end: data -> tokenizer -> pretrain -> scaling -> sft/rm/ppo -> eval -> chat/serve.",
+        "Baichuan 2, end to end: data -> tokenizer -> pretrain -> scaling -> chat/serve.",
         "",
         "verbs:",
     ]

@@ -78,4 +78,16 @@ def test_vocabulary_too_small_for_chinese_is_explained(small_corpus, tmp_path):
     zh.write_text("".join(json.dumps({"text": "".join(chr(0x4E00 + (i * 7 + j) % 3000) for j in range(30))},
                                      ensure_ascii=False) + "\n" for i in range(400)), encoding="utf-8")
     with pytest.raises(InputError, match="too small"):
-        train_tokenizer([str(zh)], str(tmp_path / "t"), vocab_size=400)
+        train_tokenizer([str(zh)], str(tmp_path / "t"), vocab_size=400, fit_coverage=False)
+
+
+def test_tiny_vocabulary_on_chinese_leaves_rare_characters_to_bytes(tmp_path):
+    """Even SentencePiece's lowest coverage (0.98) needs more pieces than a 400 vocabulary has: the rarest
+    characters are left out of training and still round-trip through byte fallback."""
+    zh = tmp_path / "zh.jsonl"
+    text = ["".join(chr(0x4E00 + (i * 7 + j) % 3000) for j in range(30)) for i in range(400)]
+    zh.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in text), encoding="utf-8")
+    tok = train_tokenizer([str(zh)], str(tmp_path / "t"), vocab_size=400)
+    report = json.loads((tmp_path / "t" / "train_report.json").read_text())
+    assert report["settings"]["characters_left_to_bytes"] > 2000
+    assert all(tok.decode(tok.encode(t)) == t for t in text)

@@ -93,7 +93,7 @@ class Encoder:
         import torch
 
         out = []
-        max_len = model.config.model_max_length
+        max_len = model.config.max_position_embeddings
         with torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
                 ids = [tok.encode(t)[:max_len] or [tok.eos_id] for t in texts[i:i + self.batch_size]]

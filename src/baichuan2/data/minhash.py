@@ -178,26 +178,28 @@ def _ngrams(units: np.ndarray, doc_of: np.ndarray, n: int, ndocs: int) -> tuple[
     return grams, gdoc
 
 
+def _group_shingles(texts: list[str], zh: bool, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shingle hashes of texts of one script group -> (hashes, local document index), by document."""
+    cp, doc_starts = _clean(texts)
+    units, unit_starts = _unit_hashes(cp, char_units=zh)
+    local_doc = np.searchsorted(doc_starts, unit_starts, side="right") - 1
+    return _ngrams(units, local_doc, n, len(texts))
+
+
 def batch_shingles(texts: list[str], langs: list[str], params: MinHashParams) -> tuple[np.ndarray, np.ndarray]:
     """Shingle hashes of a whole batch -> (hashes, document index), grouped by document."""
     out_h, out_d = [], []
     for zh, n in ((True, params.zh_ngram), (False, params.ngram)):
         idx = np.array([i for i, lang in enumerate(langs) if (lang == "zh") == zh], dtype=np.int64)
-        if not len(idx):
-            continue
-        cp, doc_starts = _clean([texts[i] for i in idx])
-        units, unit_starts = _unit_hashes(cp, char_units=zh)
-        local_doc = np.searchsorted(doc_starts, unit_starts, side="right") - 1
-        grams, gdoc = _ngrams(units, local_doc, n, len(idx))
-        out_h.append(grams)
-        out_d.append(idx[gdoc])
+        if len(idx):
+            grams, gdoc = _group_shingles([texts[i] for i in idx], zh, n)
+            out_h.append(grams)
+            out_d.append(idx[gdoc])
     if not out_h:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     h, d = np.concatenate(out_h), np.concatenate(out_d)
-    if len(out_h) > 1:
-        order = np.argsort(d, kind="stable")
-        h, d = h[order], d[order]
-    return h, d
+    order = np.argsort(d, kind="stable")
+    return h[order], d[order]
 
 
 def shingles(text: str, params: MinHashParams, lang: str | None = None) -> np.ndarray:
@@ -218,10 +220,19 @@ class MinHasher:
         # 8k-shingle chunk (8 MB) stays in cache.  Measured ~50k docs/s/core for 300-shingle documents.
         self.chunk = chunk_shingles
 
-    def signatures(self, texts: list[str], langs: list[str] | None = None) -> np.ndarray:
+    def signatures(self, texts: list[str], langs: list[str] | None = None, batch_docs: int = 256) -> np.ndarray:
+        """Signatures of ``texts``; Chinese and other documents are shingled in separate groups, and each
+        group in batches of ``batch_docs`` so the working arrays stay cache-sized."""
         langs = langs or [detect_language(t) for t in texts]
-        hashes, docs = batch_shingles(texts, ["zh" if lang == "zh" else "en" for lang in langs], self.params)
-        return self.signatures_from_hashes(hashes, docs, len(texts))
+        out = np.empty((len(texts), self.params.num_perm), dtype=np.uint32)
+        for zh in (True, False):
+            idx = np.array([i for i, lang in enumerate(langs) if (lang == "zh") == zh], dtype=np.int64)
+            n = self.params.zh_ngram if zh else self.params.ngram
+            for s in range(0, len(idx), batch_docs):
+                part = idx[s:s + batch_docs]
+                hashes, docs = _group_shingles([texts[i] for i in part], zh, n)
+                out[part] = self.signatures_from_hashes(hashes, docs, len(part))
+        return out
 
     def signatures_from_hashes(self, hashes: np.ndarray, docs: np.ndarray, num_docs: int) -> np.ndarray:
         """Signatures from shingle hashes grouped by document index (``docs`` non-decreasing)."""

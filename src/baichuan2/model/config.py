@@ -166,6 +166,7 @@ for _name, (_h, _f, _l, _n) in {
 # A geometric ladder (~x2-4 per rung) with depth growing slowly, head_dim 32-128.
 # Names give rounded non-embedding parameter counts (see test_presets_match_names).
 for _name, _args in {
+    "ladder-50k": (32, 4, 2),
     "ladder-100k": (48, 3, 3),
     "ladder-200k": (64, 4, 4),
     "ladder-500k": (96, 4, 4),

@@ -113,6 +113,21 @@ def fitted_coverage(char_counts: Counter[str], coverage: float, budget: int) -> 
     return max(MIN_COVERAGE, sum(counts[:budget]) / total - 1e-6)
 
 
+def prune_rare_characters(lines: Path, char_counts: Counter[str], budget: int, coverage: float) -> int:
+    """Delete from the training sample the characters that would not fit ``budget`` pieces even at
+    SentencePiece's lowest coverage (tiny vocabularies on Chinese text).  They still encode, through
+    byte fallback.  Returns how many distinct characters were removed (0: nothing to do)."""
+    ranked = [c for c, _ in char_counts.most_common()]
+    total = sum(char_counts.values())
+    covered = sum(char_counts[c] for c in ranked[:budget])
+    if len(ranked) <= budget or covered / total >= coverage:
+        return 0
+    drop = {ord(c): None for c in ranked[budget:] if c != "\n"}
+    text = lines.read_text(encoding="utf-8").translate(drop)
+    lines.write_text(text, encoding="utf-8")
+    return len(drop)
+
+
 def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 125696, text_field: str = "text",
                     character_coverage: float = 0.9999, max_sentences: int = 2_000_000,
                     max_sentence_bytes: int = 12282, max_piece_length: int = 32, reserved: int | None = None,
@@ -133,7 +148,13 @@ def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 12569
         symbols = user_symbols(vocab_size, reserved)
         budget = (vocab_size - 3 - len(symbols) - 256) // 2  # keep half the learnable ids for merges
         coverage = fitted_coverage(char_counts, character_coverage, budget) if fit_coverage else character_coverage
-        if coverage < character_coverage:
+        pruned = prune_rare_characters(lines, char_counts, budget, coverage) if fit_coverage else 0
+        if pruned:
+            print(f"note: a {vocab_size}-piece vocabulary cannot hold this corpus's characters even at SentencePiece's "
+                  f"lowest coverage ({MIN_COVERAGE}); the {pruned:,} rarest characters were left out of training "
+                  "and encode as UTF-8 bytes")
+            coverage = character_coverage
+        elif coverage < character_coverage:
             print(f"note: character coverage lowered from {character_coverage} to {coverage:.4f} so the "
                   f"{corpus_stats['distinct_characters']:,} distinct characters fit a {vocab_size}-piece vocabulary "
                   "(rarer characters fall back to UTF-8 bytes)")
@@ -163,7 +184,7 @@ def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 12569
     tok.save_pretrained(out)
     report = {
         "settings": {"model_type": "bpe", "vocab_size_requested": vocab_size, "character_coverage": coverage,
-                     "character_coverage_requested": character_coverage,
+                     "character_coverage_requested": character_coverage, "characters_left_to_bytes": pruned,
                      "byte_fallback": True, "split_digits": True, "allow_whitespace_only_pieces": True,
                      "max_sentencepiece_length": max_piece_length, "normalization": "identity",
                      "add_dummy_prefix": False, "remove_extra_whitespaces": False,

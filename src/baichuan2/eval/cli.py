@@ -1,0 +1,119 @@
+"""`baichuan2 eval mc | bbh | ppl | compare`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from baichuan2.eval.harness import PAPER, MCArgs
+from baichuan2.utils.io import InputError, read_json
+
+
+def _load(checkpoint: str, dtype: str, device: str):
+    from baichuan2.model.checkpoint import load_pretrained
+    from baichuan2.tokenizer import Tokenizer
+
+    return load_pretrained(checkpoint, dtype=dtype, device=device).eval(), Tokenizer.from_pretrained(checkpoint)
+
+
+def mc(checkpoint: str, benchmark: str, data: str, out_dir: str = "runs/eval", settings: MCArgs = MCArgs(),
+       per_subject: bool = False, dtype: str = "auto", device: str = "auto") -> None:
+    """Few-shot multiple-choice evaluation in the format of C-Eval, CMMLU, MMLU, GAOKAO-Bench or AGIEval.
+
+    Per-item results are cached in OUT_DIR/<benchmark>/items.jsonl, so re-running resumes. Prints
+    accuracy per category (or subject) with micro and macro averages; writes results.json.
+
+    Args:
+        checkpoint: Model directory (HF layout with tokenizer).
+        benchmark: ceval | cmmlu | mmlu | gaokao | agieval.
+        data: The benchmark's directory in its published layout (e.g. ../shared/data/bench/cmmlu;
+            C-Eval: the unzipped ceval-exam with dev/ val/ and subject_mapping.json).
+        out_dir: Results directory.
+        settings: Shots, scoring mode ("letter" or "loglik"), per-subject limit, batch size.
+        per_subject: Print every subject instead of categories.
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.harness import evaluate_mc, format_table
+    from baichuan2.eval.tasks import load_benchmark
+
+    bench = load_benchmark(benchmark, str(Path(data)))
+    model, tok = _load(checkpoint, dtype, device)
+    res = evaluate_mc(model, tok, bench, settings, Path(out_dir) / benchmark)
+    print(format_table(res, per_subject))
+    if res.get("items_per_second"):
+        print(f"{res['items_per_second']:.1f} questions/s")
+
+
+def bbh(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3, limit: int = 0, batch_size: int = 8,
+        max_new_tokens: int = 32, dtype: str = "auto", device: str = "auto") -> None:
+    """BIG-Bench Hard: 3-shot answer-only prompts, greedy generation, exact match per task.
+
+    Args:
+        checkpoint: Model directory.
+        data: BIG-Bench-Hard directory with bbh/ and cot-prompts/.
+        out_dir: Results directory (OUT_DIR/bbh/results.json, items.jsonl).
+        shots: Exemplars per prompt (Baichuan 2: 3).
+        limit: Examples per task (0 = all).
+        batch_size: Prompts generated together.
+        max_new_tokens: Longest answer.
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.bbh import evaluate_bbh, load_bbh
+
+    tasks = load_bbh(data)
+    model, tok = _load(checkpoint, dtype, device)
+    res = evaluate_bbh(model, tok, tasks, Path(out_dir) / "bbh", shots, limit, batch_size, max_new_tokens)
+    for name, t in res["tasks"].items():
+        print(f"  {name:<42}{t['accuracy']:>7.2f}{t['n']:>6}")
+    print(f"bbh: {res['accuracy']:.2f}% (micro, {res['n']} examples), {res['macro_accuracy']:.2f}% (macro)")
+
+
+def ppl(checkpoint: str, inputs: list[str], text_field: str = "text", window: int = 0, max_tokens: int = 0,
+        batch_size: int = 8, dtype: str = "auto", device: str = "auto") -> None:
+    """Perplexity and bits per byte on text, JSONL (.gz/.zst) or parquet files.
+
+    Args:
+        checkpoint: Model directory.
+        inputs: Files, globs or directories.
+        text_field: JSONL/parquet field holding the text.
+        window: Tokens per scored window (0 = the model's context length).
+        max_tokens: Score whole documents up to about this many tokens (0 = everything).
+        batch_size: Windows per forward pass.
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.perplexity import perplexity
+    from baichuan2.tokenizer.corpus import iter_documents
+
+    model, tok = _load(checkpoint, dtype, device)
+    texts = (doc["text"] for doc in iter_documents(inputs, text_field))
+    res = perplexity(model, tok, texts, window, batch_size, max_tokens)
+    print(json.dumps(res, indent=2))
+
+
+def compare(results: str, reference: str = "baichuan2-7b-base") -> None:
+    """Compare our results.json files with the Baichuan 2 paper's table or another run.
+
+    Args:
+        results: An eval output directory (its */results.json are read) or comma-separated results.json files.
+        reference: baichuan2-7b-base | baichuan2-13b-base, or a JSON file {"cmmlu": 57.07, ...}.
+    """
+    from baichuan2.eval.harness import compare as table
+
+    root = Path(results)
+    paths = sorted(root.glob("*/results.json")) if root.is_dir() else [Path(p) for p in results.split(",")]
+    if not paths:
+        raise InputError(f"{results}: no results.json found")
+    ours = {}
+    for path in paths:
+        r = read_json(path)
+        if "benchmark" not in r or "accuracy" not in r:
+            raise InputError(f"{path}: not a results.json written by baichuan2 eval")
+        ours[r["benchmark"]] = r["accuracy"]
+    ref = PAPER.get(reference) or read_json(reference)
+    print(table(ours, ref))
+
+
+COMMANDS = {"mc": mc, "bbh": bbh, "ppl": ppl, "compare": compare}

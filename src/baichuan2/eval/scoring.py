@@ -1,0 +1,117 @@
+"""Batched scoring primitives shared by the harness, perplexity and the lm-eval adapter.
+
+* ``letter_logprobs``: log-softmax of the next-token logits at the last prompt position, read at the
+  answer letters' ids — how the official CMMLU/MMLU scripts and Baichuan score base models.
+* ``continuation_logprobs``: summed log-probability of a continuation after a context (and whether it
+  is the greedy choice) — how lm-evaluation-harness scores multiple choice.
+
+Rows are sorted by length and right-padded per batch; the attention mask (1 = token, 0 = padding) keeps
+padding out of every real position, and only the positions that are read get the output head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from baichuan2.model.model import Baichuan
+
+
+def _batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) >= batch_size or (len(cur) + 1) * lengths[cur[0]] > max_batch_tokens):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.inference_mode()
+def _hidden(model: Baichuan, rows: list[list[int]]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    pad = model.config.pad_token_id or 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    dev = model.device
+    full = bool(mask.all())
+    out = model(ids.to(dev), attention_mask=None if full else mask.to(dev), return_logits=False,
+                return_hidden=True)
+    return out.hidden_states
+
+
+def _check(rows: Sequence[Sequence[int]], max_length: int) -> None:
+    for r in rows:
+        if not r:
+            raise ValueError("cannot score an empty token sequence")
+        if len(r) > max_length:
+            raise ValueError(f"sequence of {len(r)} tokens exceeds the context length {max_length}")
+
+
+@torch.inference_mode()
+def letter_logprobs(model: Baichuan, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int],
+                    batch_size: int = 8, max_batch_tokens: int = 32768) -> torch.Tensor:
+    """``[n, len(letter_ids)]`` log-probabilities (over the whole vocabulary) of each letter as the next token."""
+    _check(prompts, model.config.max_position_embeddings)
+    out = torch.empty(len(prompts), len(letter_ids))
+    letters = torch.tensor(list(letter_ids), device=model.device)
+    for batch in _batches([len(p) for p in prompts], batch_size, max_batch_tokens):
+        rows = [list(prompts[i]) for i in batch]
+        hidden = _hidden(model, rows)
+        last = hidden[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+        logp = torch.log_softmax(model.lm_head(last).float(), dim=-1)
+        out[batch] = logp[:, letters].cpu()
+    return out
+
+
+@torch.inference_mode()
+def continuation_logprobs(model: Baichuan, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                          batch_size: int = 8, max_batch_tokens: int = 32768) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): (sum of log p(continuation | context), is greedy).
+
+    Over-long pairs keep the end of the context (the continuation must fit), as lm-eval does."""
+    limit = model.config.max_position_embeddings
+    rows, spans = [], []
+    for ctx, cont in pairs:
+        if not cont:
+            raise ValueError("empty continuation")
+        if len(cont) >= limit:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds the context length {limit}")
+        ctx = list(ctx)[-(limit - len(cont)):] if ctx else []
+        if not ctx:
+            raise ValueError("a continuation needs at least one context token (e.g. bos)")
+        rows.append(ctx + list(cont))
+        spans.append((len(ctx), len(cont)))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    for batch in _batches([len(r) for r in rows], batch_size, max_batch_tokens):
+        hidden = _hidden(model, [rows[i] for i in batch])
+        for j, i in enumerate(batch):
+            start, n = spans[i]
+            logp = torch.log_softmax(model.lm_head(hidden[j, start - 1: start - 1 + n]).float(), dim=-1)
+            target = torch.tensor(rows[i][start: start + n], device=logp.device)
+            results[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+    return results
+
+
+@torch.inference_mode()
+def token_nll(model: Baichuan, rows: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
+    """Summed negative log-likelihood of tokens 1..n-1 of each row given the earlier ones."""
+    _check(rows, model.config.max_position_embeddings)
+    out = [0.0] * len(rows)
+    for batch in _batches([len(r) for r in rows], batch_size, 1 << 30):
+        hidden = _hidden(model, [list(rows[i]) for i in batch])
+        for j, i in enumerate(batch):
+            n = len(rows[i])
+            if n < 2:
+                continue
+            logp = torch.log_softmax(model.lm_head(hidden[j, : n - 1]).float(), dim=-1)
+            target = torch.tensor(list(rows[i][1:]), device=logp.device)
+            out[i] = -float(logp.gather(1, target[:, None]).sum())
+    return out

@@ -1,0 +1,201 @@
+"""`baichuan2 scaling plan | run | fit`: a model ladder, L(C) = a*C^b + L_inf, and a checked prediction.
+
+Every rung (and the held-out target) is trained with identical settings except model size (and, with
+``tokens_per_param``, the token budget), so the final losses trace one curve.
+`run --rung NAME` trains a single rung, so a cluster can run one job per rung against a shared out_dir.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from baichuan2.pipeline.scaling import Rung, fit_scaling_law, plan_ladder, plot_scaling_law, prediction_interval
+from baichuan2.utils.io import InputError, atomic_write_json, read_json
+
+
+@dataclass
+class LadderArgs:
+    """Args:
+        presets: Model presets of the ladder's rungs (smallest first).
+        target: Held-out larger preset whose final loss the fit predicts (trained with the same recipe).
+        tokens: Fixed training tokens for every rung and the target (Baichuan 2's protocol: same data
+            budget, growing model); 0 switches to tokens_per_param.
+        tokens_per_param: Training tokens per non-embedding parameter when tokens is 0.
+        min_tokens: Lower bound of any rung's token budget.
+        seq_len: Sequence length.
+        vocab_size: Vocabulary size (read from the shards' manifest when 0).
+        global_batch_tokens: Tokens per optimizer step (same for every rung).
+        micro_batch_size: Rows per forward pass.
+        lr: Peak learning rate (same for every rung).
+        warmup_frac: Warm-up as a fraction of each rung's steps.
+        precision: "auto", "bf16" or "fp32".
+        seed: Data order and initialisation seed.
+        val_shards: Held-out token shards; every rung is scored on the same val_rows rows of them at its
+            last step and the fit uses that loss (training-batch loss is too noisy at small scale). Empty:
+            fit the smoothed training loss instead.
+        val_rows: Rows of val_shards in the fixed evaluation batch.
+    """
+
+    presets: list[str] = field(default_factory=lambda: ["ladder-50k", "ladder-100k", "ladder-200k", "ladder-500k",
+                                                        "ladder-1m"])
+    target: str = "ladder-2m"
+    tokens: int = 1_000_000
+    tokens_per_param: float = 20.0
+    min_tokens: int = 65536
+    seq_len: int = 256
+    vocab_size: int = 0
+    global_batch_tokens: int = 8192
+    micro_batch_size: int = 8
+    lr: float = 3e-3
+    warmup_frac: float = 0.1
+    precision: str = "auto"
+    seed: int = 0
+    val_shards: str = ""
+    val_rows: int = 64
+
+
+def _vocab(args: LadderArgs, shards: str) -> int:
+    if args.vocab_size:
+        return args.vocab_size
+    from baichuan2.tokenizer.shards import read_manifest
+
+    manifest = read_manifest(shards) or {}
+    vocab = manifest.get("tokenizer", {}).get("vocab_size")
+    if not vocab:
+        raise InputError(f"{shards}: no manifest with the tokenizer's vocab size; pass --ladder.vocab_size")
+    return int(vocab)
+
+
+def plan_rungs(args: LadderArgs, vocab_size: int) -> tuple[list[Rung], Rung]:
+    budget = dict(tokens_per_param=0.0, min_tokens=args.tokens, max_tokens=args.tokens) if args.tokens else \
+        dict(tokens_per_param=args.tokens_per_param, min_tokens=args.min_tokens)
+    rungs = plan_ladder(args.presets, args.seq_len, vocab_size, **budget)
+    target = plan_ladder([args.target], args.seq_len, vocab_size, **budget)[0]
+    return rungs, target
+
+
+def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, **checkpoint):
+    """The PretrainConfig of one rung: identical across rungs except the model and token budget."""
+    from baichuan2.train.optim import OptimArgs
+    from baichuan2.train.trainer import CheckpointArgs, DataArgs, ModelArgs, PretrainConfig, TrainArgs
+
+    steps = max(1, rung.tokens // args.global_batch_tokens)
+    return PretrainConfig(
+        out_dir=run_dir,
+        model=ModelArgs(preset=rung.preset, overrides={"vocab_size": rung.overrides["vocab_size"]}),
+        data=DataArgs(shards=shards, seq_len=args.seq_len, val_shards=args.val_shards or None,
+                      val_rows=args.val_rows),
+        optim=OptimArgs(lr=args.lr, warmup_steps=max(1, int(args.warmup_frac * steps))),
+        train=TrainArgs(global_batch_tokens=args.global_batch_tokens, micro_batch_size=args.micro_batch_size,
+                        max_steps=steps, precision=args.precision, seed=args.seed, log_every=max(1, steps // 50)),
+        checkpoint=CheckpointArgs(**checkpoint) if checkpoint else CheckpointArgs(release_final=False),
+    )
+
+
+def train_rung(args: LadderArgs, rung: Rung, shards: str, run_dir: str | Path, **checkpoint) -> dict:
+    """Train one rung unless its result.json exists; returns the result record."""
+    from baichuan2.train.trainer import pretrain
+
+    run_dir = Path(run_dir)
+    result_file = run_dir / "result.json"
+    if result_file.exists():
+        return read_json(result_file)
+    res = pretrain(rung_config(args, rung, shards, str(run_dir), **checkpoint))
+    record = {"name": rung.name, "preset": rung.preset, "params": rung.params, "tokens": res.tokens,
+              "flops": rung.flops * res.tokens / rung.tokens, "final_loss": res.final_loss,
+              "smoothed_loss": res.smoothed_loss, "val_loss": res.val_loss, "release_dir": res.release_dir}
+    atomic_write_json(result_file, record)
+    return record
+
+
+def fit_loss_key(results: list[dict]) -> str:
+    """Held-out loss when every run has one (a fixed batch: far less noisy), else smoothed training loss."""
+    return "val_loss" if all(r.get("val_loss") is not None for r in results) else "smoothed_loss"
+
+
+def fit_results(results: list[dict], target: Rung, out_dir: str | Path, actual: dict | None = None) -> dict:
+    """Fit the rungs' final losses, predict the target, compare, plot."""
+    key = fit_loss_key(results + ([actual] if actual else []))
+    compute = [r["flops"] for r in results]
+    loss = [r[key] for r in results]
+    fit = fit_scaling_law(compute, loss)
+    predicted = float(fit.predict(target.flops))
+    interval = prediction_interval(fit, compute, loss, target.flops)
+    summary = {"fit": fit.to_dict(), "rungs": results, "target": asdict(target), "predicted_loss": predicted,
+               "prediction_interval_5_95": list(interval), "loss_key": key}
+    if actual:
+        summary["actual_loss"] = actual[key]
+        summary["relative_error"] = abs(predicted - actual[key]) / actual[key]
+    out = Path(out_dir)
+    plot_scaling_law(out / "scaling_law.png", compute, loss, fit, labels=[r["name"] for r in results],
+                     target=(target.name, target.flops), actual=summary.get("actual_loss"), interval=interval)
+    atomic_write_json(out / "scaling_fit.json", summary)
+    return summary
+
+
+def plan(shards: str = "", ladder: LadderArgs = LadderArgs()) -> None:
+    """Print the ladder: parameters, tokens and training FLOPs of each rung and of the target.
+
+    Args:
+        shards: Token shards (their manifest gives the vocabulary size unless ladder.vocab_size is set).
+        ladder: The ladder recipe.
+    """
+    rungs, target = plan_rungs(ladder, _vocab(ladder, shards) if not ladder.vocab_size else ladder.vocab_size)
+    print(f"{'rung':<14}{'non-emb params':>16}{'tokens':>14}{'FLOPs':>12}")
+    for r in [*rungs, target]:
+        tag = " (target)" if r is target else ""
+        print(f"{r.name:<14}{r.params:>16,}{r.tokens:>14,}{r.flops:>12.3g}{tag}")
+
+
+def run(shards: str, out_dir: str = "runs/scaling", ladder: LadderArgs = LadderArgs(), rung: str | None = None,
+        include_target: bool = True) -> None:
+    """Train the ladder (finished rungs are skipped, so re-running resumes), then fit and predict.
+
+    Args:
+        shards: Token shards from `baichuan2 tokenizer encode`.
+        out_dir: Ladder directory: rungs/<name>/ runs, scaling_fit.json, scaling_law.png.
+        ladder: The ladder recipe (presets, target, tokens per parameter, optimizer settings).
+        rung: Train only this rung (one job per rung on a cluster); no fit.
+        include_target: Also train the held-out target to check the prediction.
+    """
+    rungs, target = plan_rungs(ladder, _vocab(ladder, shards))
+    by_name = {r.name: r for r in [*rungs, target]}
+    if rung:
+        if rung not in by_name:
+            raise SystemExit(f"scaling run: unknown rung {rung!r} (ladder: {', '.join(by_name)})")
+        print(train_rung(ladder, by_name[rung], shards, Path(out_dir) / "rungs" / rung))
+        return
+    results = [train_rung(ladder, r, shards, Path(out_dir) / "rungs" / r.name) for r in rungs]
+    actual = train_rung(ladder, target, shards, Path(out_dir) / "rungs" / target.name) if include_target else None
+    _print_summary(fit_results(results, target, out_dir, actual))
+
+
+def fit(out_dir: str = "runs/scaling", shards: str = "", ladder: LadderArgs = LadderArgs()) -> None:
+    """Fit L(C) = a*C^b + L_inf to the finished rungs in out_dir and predict the target.
+
+    Args:
+        out_dir: Ladder directory written by `baichuan2 scaling run`.
+        shards: Token shards (only for the vocabulary size when ladder.vocab_size is 0).
+        ladder: The ladder recipe used for the runs.
+    """
+    rungs, target = plan_rungs(ladder, _vocab(ladder, shards) if not ladder.vocab_size else ladder.vocab_size)
+    results = [read_json(p) for r in rungs if (p := Path(out_dir) / "rungs" / r.name / "result.json").exists()]
+    if len(results) < 3:
+        raise SystemExit(f"scaling fit: need at least 3 finished rungs in {out_dir}/rungs, found {len(results)}")
+    target_file = Path(out_dir) / "rungs" / target.name / "result.json"
+    _print_summary(fit_results(results, target, out_dir, read_json(target_file) if target_file.exists() else None))
+
+
+def _print_summary(s: dict) -> None:
+    f = s["fit"]
+    print(f"L(C) = {f['a']:.4g}±{f['a_std']:.2g} * (C/{f['c0']:.3g})^({f['b']:.4f}±{f['b_std']:.3f}) "
+          f"+ {f['l_inf']:.4f}±{f['l_inf_std']:.3f}  ({f['n_points']} rungs, rms residual {f['residual_rms']:.4f})")
+    lo, hi = s["prediction_interval_5_95"]
+    line = f"[{s['loss_key']}] predicted {s['target']['name']} loss: {s['predicted_loss']:.4f} (5-95%: {lo:.4f}-{hi:.4f})"
+    if "actual_loss" in s:
+        line += f"; actual {s['actual_loss']:.4f}; relative error {100 * s['relative_error']:.2f}%"
+    print(line)
+
+
+COMMANDS = {"plan": plan, "run": run, "fit": fit}

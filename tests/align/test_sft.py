@@ -1,0 +1,58 @@
+"""SFT: formats, assistant-only loss, learning, LoRA merge, the saved chat checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from baichuan2.align.sft import LoraArgs, SFTArgs, read_conversations, sft, to_messages
+from baichuan2.model.checkpoint import load_pretrained
+from baichuan2.tokenizer import Tokenizer
+from baichuan2.utils.io import InputError
+from tests.serve.conftest import checkpoint  # noqa: F401
+
+
+def test_formats_become_baichuan_messages(tmp_path):
+    assert to_messages({"instruction": "翻译", "input": "hello", "output": "你好"}) == [
+        {"role": "user", "content": "翻译\nhello"}, {"role": "assistant", "content": "你好"}]
+    assert to_messages({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})[1] == {
+        "role": "assistant", "content": "yo"}
+    with pytest.raises(InputError, match="expected"):
+        to_messages({"text": "x"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n{not json\n')
+    with pytest.raises(InputError, match="bad.jsonl:2: malformed JSON"):
+        list(read_conversations([str(bad)]))
+
+
+CONVS = [[{"role": "user", "content": f"what is {i} plus one?"}, {"role": "assistant", "content": f"{i + 1}. 好的！"}]
+         for i in range(40)]
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_sft_learns_the_assistant_turns_and_saves_a_chat_checkpoint(checkpoint, tmp_path, lora):  # noqa: F811
+    model, tok = load_pretrained(checkpoint), Tokenizer.from_pretrained(checkpoint)
+    user_row = model.model.embed_tokens.weight[tok.user_id].clone()
+    args = SFTArgs(epochs=4, batch_size=8, lr=3e-3 if lora == 0 else 1e-2, val_fraction=0.1,
+                   lora=LoraArgs(r=lora, alpha=8, dropout=0.0))
+    m = sft(model, tok, CONVS, tmp_path / "out", args, progress=False)
+    assert m["val_loss_after"] < m["val_loss_before"] - 0.5
+    saved = load_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["top_k"] == 5
+    assert not any("lora" in k for k in saved.state_dict())  # adapters merged into plain weights
+    if lora:  # only the adapters trained: the embedding is untouched
+        assert torch.equal(saved.model.embed_tokens.weight[tok.user_id], user_row)
+    logs = [json.loads(x) for x in (tmp_path / "out-logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == m["steps"] and all("loss" in r for r in logs)
+
+
+def test_only_assistant_tokens_carry_loss(checkpoint, tmp_path):  # noqa: F811
+    """Changing the user's words must not change which positions are trained (mask from encode_chat)."""
+    from baichuan2.tokenizer.chat import encode_chat
+
+    tok = Tokenizer.from_pretrained(checkpoint)
+    ids, targets = encode_chat(tok, CONVS[0])
+    trained = [t for t in targets if t != -100]
+    assert tok.decode(trained[:-1]) == CONVS[0][1]["content"] and trained[-1] == tok.eos_id
