@@ -76,11 +76,10 @@ def _score(model, tok, bench, subject: Subject, items: list[Item], args: MCArgs)
     elif args.mode == "loglik":
         pairs, owners = [], []
         for i, it in enumerate(items):
-            for j in range(len(it.choices)):
-                cont = tok.encode(" " + LETTERS[j])
-                ctx = build_prompt(tok, bench, subject, it, args.shots, limit - len(cont))
-                pairs.append((ctx, cont))
-                owners.append(i)
+            conts = [tok.encode(" " + LETTERS[j]) for j in range(len(it.choices))]
+            ctx = build_prompt(tok, bench, subject, it, args.shots, limit - max(map(len, conts)))
+            pairs += [(ctx, cont) for cont in conts]
+            owners += [i] * len(conts)
         scores = [[] for _ in items]
         for (lp, _), i in zip(continuation_logprobs(model, pairs, args.batch_size), owners, strict=True):
             scores[i].append(lp)
