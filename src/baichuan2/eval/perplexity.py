@@ -24,7 +24,9 @@ def perplexity(model, tok, texts: Sequence[str], window: int = 0, batch_size: in
     for t in texts:  # whole documents only, so the byte count matches the scored tokens
         ids = [tok.bos_id] + tok.encode(t) + [tok.eos_id]
         if max_tokens and stream and len(stream) + len(ids) > max_tokens:
-            break
+            if len(stream) >= 0.9 * max_tokens:
+                break
+            continue  # this one does not fit; a shorter one may
         stream += ids
         nbytes += len(t.encode("utf-8"))
     if len(stream) < 2:
