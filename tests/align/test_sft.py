@@ -23,7 +23,7 @@ def test_formats_become_baichuan_messages(tmp_path):
         to_messages({"text": "x"})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n{not json\n')
-    with pytest.raises(InputError, match="bad.jsonl:2: malformed JSON"):
+    with pytest.raises(InputError, match="bad.jsonl:2: invalid JSON"):
         list(read_conversations([str(bad)]))
 
 

@@ -10,7 +10,6 @@ plain checkpoint). The result is an HF-layout directory with the tokenizer, writ
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from baichuan2.tokenizer.chat import encode_chat
-from baichuan2.utils.io import InputError, atomic_write_json
+from baichuan2.utils.io import InputError, atomic_write_json, iter_jsonl, open_text, read_json
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -45,24 +44,16 @@ def to_messages(record: dict, where: str = "record") -> list[dict]:
 
 
 def read_conversations(paths: Sequence[str]) -> Iterator[list[dict]]:
+    """Records from JSON-array files or JSONL (also .gz/.zst); bad JSON or UTF-8 is an InputError naming the place."""
     for path in paths:
-        text = Path(path).read_text(encoding="utf-8")
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: malformed JSON ({e})") from None
-            for i, r in enumerate(records):
+        with open_text(path, errors="replace") as fh:
+            is_array = fh.read(4096).lstrip().startswith("[")
+        if is_array:
+            for i, r in enumerate(read_json(path)):
                 yield to_messages(r, f"{path}[{i}]")
             continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: malformed JSON ({e})") from None
-                yield to_messages(record, f"{path}:{n}")
+        for n, record in iter_jsonl(path):
+            yield to_messages(record, f"{path}:{n}")
 
 
 @dataclass
@@ -117,21 +108,11 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch
     return {"input_ids": ids, "targets": tgt, "attention_mask": mask}
 
 
-@torch.no_grad()
 def assistant_loss(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 8) -> float:
     """Mean cross-entropy over assistant tokens (the SFT objective without the z-loss)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for k in range(0, len(rows), batch_size):
-        b = _batch(rows[k: k + batch_size], pad)
-        out = model(b["input_ids"].to(model.device), b["targets"].to(model.device),
-                    attention_mask=b["attention_mask"].to(model.device), return_logits=False)
-        n = int((b["targets"] != -100).sum())
-        total += float(out.ce_loss) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    from baichuan2.train.trainer import evaluate_loss
+
+    return evaluate_loss(model, _batch(rows, pad), batch_size, model.device)
 
 
 def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, args: SFTArgs = SFTArgs(),
@@ -141,6 +122,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
 
     from baichuan2.model.checkpoint import save_pretrained
     from baichuan2.model.generate import SamplingConfig
+    from baichuan2.train.optim import OptimArgs, lr_at, set_lr
     from baichuan2.utils.metrics import MetricsLogger
 
     limit = min(args.max_length, model.config.max_position_embeddings)
@@ -163,13 +145,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
                                                      target_modules=list(args.lora.targets)))
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    warm = max(1, int(args.warmup_frac * steps))
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return args.lr * (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    schedule = OptimArgs(lr=args.lr, min_lr_ratio=0.1, warmup_steps=max(1, int(args.warmup_frac * steps)))
 
     out = Path(out_dir)
     logger = MetricsLogger(out.parent / f"{out.name}-logs", tensorboard=False)
@@ -183,8 +159,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
         rng.shuffle(order)
         for k in range(0, len(order), args.batch_size):
             b = _batch([train[i] for i in order[k: k + args.batch_size]], pad)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+            set_lr(opt, lr_at(step, schedule, steps))
             res = trainable(b["input_ids"].to(model.device), b["targets"].to(model.device),
                             attention_mask=b["attention_mask"].to(model.device), return_logits=False)
             res.loss.backward()
@@ -192,7 +167,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            logger.log(step, loss=float(res.ce_loss), lr=lr_at(step - 1), grad_norm=float(norm))
+            logger.log(step, loss=float(res.ce_loss), lr=lr_at(step - 1, schedule, steps), grad_norm=float(norm))
             bar.update(1)
             bar.set_postfix(loss=f"{float(res.ce_loss):.3f}")
     bar.close()

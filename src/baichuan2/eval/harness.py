@@ -20,7 +20,7 @@ from pathlib import Path
 
 from baichuan2.eval.scoring import continuation_logprobs, letter_logprobs
 from baichuan2.eval.tasks import LETTERS, Benchmark, Item, Subject
-from baichuan2.utils.io import atomic_write_json
+from baichuan2.utils.io import atomic_write_json, iter_jsonl
 
 # Baichuan 2 technical report / README, base models (C-Eval, MMLU, CMMLU, Gaokao, AGIEval 5-shot; BBH 3-shot).
 PAPER = {
@@ -62,7 +62,6 @@ def letter_token_ids(tok, n: int) -> list[int]:
 
 def _score(model, tok, bench, subject: Subject, items: list[Item], args: MCArgs) -> list[dict]:
     limit = model.config.max_position_embeddings
-    n_choices = len(items[0].choices)
     if args.mode == "letter":
         prompts = [build_prompt(tok, bench, subject, it, args.shots, limit) for it in items]
         groups: dict[int, list[int]] = defaultdict(list)  # by number of options (AGIEval mixes 4 and 5)
@@ -85,7 +84,6 @@ def _score(model, tok, bench, subject: Subject, items: list[Item], args: MCArgs)
             scores[i].append(lp)
     else:
         raise ValueError(f"unknown scoring mode {args.mode!r} (letter or loglik)")
-    del n_choices
     out = []
     for it, s in zip(items, scores, strict=True):
         pred = LETTERS[max(range(len(s)), key=s.__getitem__)]
@@ -108,22 +106,16 @@ def evaluate_mc(model, tok, bench: Benchmark, args: MCArgs, out_dir: str | Path,
     atomic_write_json(settings_file, settings)
     done: dict[tuple[str, int], dict] = {}
     if cache_file.exists():
-        for line in cache_file.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash; that item is simply scored again
-            done[(r["subject"], r["index"])] = r
-    todo = []
-    for s in bench.subjects.values():
-        items = s.test[: args.limit] if args.limit else s.test
-        todo += [(s, it) for it in items]
+        for _, r in iter_jsonl(cache_file, strict=False):
+            if not isinstance(r, Exception):  # a line cut by a crash: that item is simply scored again
+                done[(r["subject"], r["index"])] = r
+    todo = [(s, s.test[: args.limit] if args.limit else s.test) for s in bench.subjects.values()]
+    total = sum(len(items) for _, items in todo)
     start = time.time()
     scored = 0
-    bar = tqdm(total=len(todo), desc=f"{bench.name} ({args.shots}-shot, {args.mode})", unit="q", disable=not progress)
+    bar = tqdm(total=total, desc=f"{bench.name} ({args.shots}-shot, {args.mode})", unit="q", disable=not progress)
     with open(cache_file, "a", encoding="utf-8") as fh:
-        for s in bench.subjects.values():
-            items = [it for subj, it in todo if subj is s]
+        for s, items in todo:
             pending = [it for it in items if (s.name, it.index) not in done]
             bar.update(len(items) - len(pending))
             for k in range(0, len(pending), args.batch_size * 4):
@@ -136,7 +128,7 @@ def evaluate_mc(model, tok, bench: Benchmark, args: MCArgs, out_dir: str | Path,
                 bar.update(len(chunk))
     bar.close()
     seconds = time.time() - start
-    results = aggregate(bench, [done[(s.name, it.index)] for s, it in todo])
+    results = aggregate(bench, [done[(s.name, it.index)] for s, items in todo for it in items])
     results.update(settings=settings, seconds=round(seconds, 2),
                    items_per_second=round(scored / seconds, 2) if scored and seconds > 0 else None)
     atomic_write_json(out / "results.json", results)

@@ -282,7 +282,7 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu == mfu else "?")
         if val_batch is not None and ((t.eval_every and step % t.eval_every == 0) or step == max_steps):
-            val_loss = evaluate_loss(model, val_batch, t.micro_batch_size, info, autocast)
+            val_loss = evaluate_loss(model, val_batch, t.micro_batch_size, info.device, autocast)
             logger.log(step, val_loss=val_loss)
         every = cfg.checkpoint.release_every_tokens
         if every and tokens_seen // every > (tokens_seen - tokens_per_step) // every:
@@ -308,17 +308,20 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
 
 
 @torch.no_grad()
-def evaluate_loss(model, batch: dict[str, torch.Tensor], micro_batch_size: int, info: DistInfo, autocast) -> float:
+def evaluate_loss(model, batch: dict[str, torch.Tensor], micro_batch_size: int, device: torch.device,
+                  autocast=contextlib.nullcontext()) -> float:
+    """Mean cross-entropy over the batch's targets (-100 ignored), in micro-batches; restores the model's mode."""
+    was_training = model.training
     model.eval()
     ce_sum, n_sum = 0.0, 0.0
     for start in range(0, batch["input_ids"].shape[0], micro_batch_size):
         sl = slice(start, start + micro_batch_size)
-        inputs = {k: v[sl].to(info.device) for k, v in batch.items()}
+        inputs = {k: v[sl].to(device) for k, v in batch.items()}
         n = int((inputs["targets"] != -100).sum())
         with autocast:
             out = model(inputs["input_ids"], inputs["targets"], attention_mask=inputs["attention_mask"],
                         return_logits=False)
         ce_sum += float(out.ce_loss) * n
         n_sum += n
-    model.train()
+    model.train(was_training)
     return ce_sum / max(n_sum, 1.0)
