@@ -64,7 +64,8 @@ def test_unknown_verb_is_a_clear_error():
 
 
 RECIPE_VERBS = {"pipeline-default.yaml": ("pipeline", None), "scaling-ladder.yaml": ("scaling", "run"),
-                "data-default.yaml": ("data", "run")}
+                "data-default.yaml": ("data", "run"), "rm-default.yaml": ("rm", "train"),
+                "ppo-baichuan2.yaml": ("ppo", None)}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPE_VERBS))
@@ -75,7 +76,8 @@ def test_shipped_recipes_parse(name):
     verb, sub = RECIPE_VERBS[name]
     parser = recipe_parser(verb, sub)
     recipe = REPO / "src" / "baichuan2" / "recipes" / name
-    required = {"scaling": ["runs/tokens"], "data": ["in.jsonl"]}.get(verb, [])
+    required = {"scaling": ["runs/tokens"], "data": ["in.jsonl"], "rm": ["ckpt", "pairs.jsonl"],
+                "ppo": ["ckpt", "rm", "prompts.jsonl"]}.get(verb, [])
     cfg = parser.parse_args([f"--config={recipe}", *required])
     assert cfg
 
@@ -83,3 +85,21 @@ def test_shipped_recipes_parse(name):
 def test_every_recipe_is_covered():
     shipped = {p.name for p in (REPO / "src" / "baichuan2" / "recipes").glob("*.yaml")}
     assert shipped - set(RECIPE_VERBS) == {p for p in shipped if p.startswith("pretrain-")}
+
+
+def test_file_arguments_accept_one_bare_path():
+    """`baichuan2 eval ppl CKPT held_out.jsonl` must work: a positional list of files also takes one path."""
+    import importlib
+    import inspect
+
+    from baichuan2.cli import VERBS, recipe_parser
+
+    for verb, (module, _) in VERBS.items():
+        commands = importlib.import_module(module).COMMANDS
+        for sub, fn in (commands.items() if isinstance(commands, dict) else [(None, commands)]):
+            params = inspect.signature(fn).parameters.values()
+            lists = [p for p in params if p.default is inspect.Parameter.empty and "list" in str(p.annotation)]
+            for p in lists:
+                assert "str | list[str]" in str(p.annotation), f"{verb} {sub}: {p.name} is {p.annotation}"
+    cfg = recipe_parser("eval", "ppl").parse_args(["ckpt", "held_out.jsonl"])
+    assert cfg.inputs == "held_out.jsonl"

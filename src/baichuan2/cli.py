@@ -24,6 +24,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "plot": ("baichuan2.train.plot", "draw loss / LR / throughput curves from run logs to PNG"),
     "scaling": ("baichuan2.pipeline.scaling_cli", "plan and run a model ladder, fit L(C) = a*C^b + L_inf, predict"),
     "sft": ("baichuan2.align.sft_cli", "supervised fine-tuning on chat data, assistant-only loss (full or LoRA)"),
+    "rm": ("baichuan2.align.rm_cli", "train / evaluate a reward model (pairwise loss, per-category accuracy)"),
+    "ppo": ("baichuan2.align.ppo_cli", "PPO against a reward model with Baichuan 2's settings"),
     "eval": ("baichuan2.eval.cli", "benchmarks (C-Eval/CMMLU/MMLU/Gaokao/AGIEval 5-shot, BBH 3-shot), perplexity"),
     "chat": ("baichuan2.serve.chat", "interactive streaming chat in the terminal"),
     "serve": ("baichuan2.serve.server", "OpenAI-compatible HTTP server"),
@@ -72,7 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(VERBS[verb][0])
     from jsonargparse import auto_cli
 
-    auto_cli(module.COMMANDS, args=rest, prog=f"baichuan2 {verb}", as_positional=True)
+    from baichuan2.utils.io import InputError
+
+    try:
+        auto_cli(module.COMMANDS, args=rest, prog=f"baichuan2 {verb}", as_positional=True)
+    except InputError as e:  # bad data, config or checkpoint: one clear line, no traceback
+        raise SystemExit(f"baichuan2 {verb}: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -56,3 +56,41 @@ def test_only_assistant_tokens_carry_loss(checkpoint, tmp_path):  # noqa: F811
     ids, targets = encode_chat(tok, CONVS[0])
     trained = [t for t in targets if t != -100]
     assert tok.decode(trained[:-1]) == CONVS[0][1]["content"] and trained[-1] == tok.eos_id
+
+
+def test_packing_keeps_conversations_apart(checkpoint, tmp_path):  # noqa: F811
+    """Packed rows give exactly the per-conversation loss: no attention or loss crosses a boundary."""
+    from baichuan2.align.sft import _batch, assistant_loss, pack_rows
+    from baichuan2.tokenizer.chat import encode_chat
+    from baichuan2.train.trainer import evaluate_loss
+
+    model, tok = load_pretrained(checkpoint).eval(), Tokenizer.from_pretrained(checkpoint)
+    rows = [encode_chat(tok, c) for c in CONVS[:12]]
+    packed = pack_rows(rows, 64)
+    assert len(packed) < len(rows) and all(len(ids) <= 64 for ids, _, _ in packed)
+    assert sorted(len(a) for a, _ in rows) == sorted(
+        n for _, _, seg in packed for n in [seg.count(k) for k in range(1, max(seg) + 1)])
+    loose = assistant_loss(model, rows, pad=0)
+    tight = evaluate_loss(model, _batch(packed, 0), 8, model.device)
+    assert tight == pytest.approx(loose, abs=1e-5)
+    m = sft(model, tok, CONVS, tmp_path / "packed", SFTArgs(epochs=1, batch_size=4, lr=1e-3, pack=True, max_length=96), progress=False)
+    assert m["train_rows"] < m["train_conversations"]
+
+
+def test_lora_merge_equals_the_unmerged_adapter_model(checkpoint):  # noqa: F811
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = load_pretrained(checkpoint).eval()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                  target_modules=LoraArgs().targets))
+    with torch.no_grad():  # B starts at zero; give the adapters real weights so the merge matters
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = torch.randint(3, 1000, (2, 24))
+    unmerged = peft_model(ids).logits
+    merged = peft_model.merge_and_unload()(ids).logits
+    base = load_pretrained(checkpoint).eval()(ids).logits
+    assert (unmerged - base).abs().max() > 1e-2  # the adapters change the output ...
+    assert torch.allclose(merged, unmerged, atol=1e-5)  # ... and merging keeps exactly that output

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from baichuan2.tokenizer.chat import encode_chat
-from baichuan2.utils.io import InputError, atomic_write_json, iter_jsonl, open_text, read_json
+from baichuan2.utils.io import InputError, atomic_write_json, iter_records
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -46,14 +46,8 @@ def to_messages(record: dict, where: str = "record") -> list[dict]:
 def read_conversations(paths: Sequence[str]) -> Iterator[list[dict]]:
     """Records from JSON-array files or JSONL (also .gz/.zst); bad JSON or UTF-8 is an InputError naming the place."""
     for path in paths:
-        with open_text(path, errors="replace") as fh:
-            is_array = fh.read(4096).lstrip().startswith("[")
-        if is_array:
-            for i, r in enumerate(read_json(path)):
-                yield to_messages(r, f"{path}[{i}]")
-            continue
-        for n, record in iter_jsonl(path):
-            yield to_messages(record, f"{path}:{n}")
+        for where, record in iter_records(path):
+            yield to_messages(record, where)
 
 
 @dataclass
@@ -83,6 +77,8 @@ class SFTArgs:
         grad_clip: Gradient-norm clip.
         val_fraction: Share of conversations held out for the validation loss.
         seed: Shuffle and split seed.
+        pack: Pack whole conversations into max_length rows (best-fit decreasing); each keeps its own
+            attention segment and positions, so nothing attends across conversations.
         lora: LoRA settings (r = 0: full fine-tuning).
     """
 
@@ -95,17 +91,51 @@ class SFTArgs:
     grad_clip: float = 1.0
     val_fraction: float = 0.05
     seed: int = 0
+    pack: bool = False
     lora: LoraArgs = field(default_factory=LoraArgs)
 
 
-def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
+def _batch(rows: list[tuple], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; rows are (ids, targets) or packed (ids, targets, segment ids)."""
+    width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     tgt = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (a, b) in enumerate(rows):
-        ids[i, : len(a)], tgt[i, : len(b)], mask[i, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+    for i, r in enumerate(rows):
+        n = len(r[0])
+        ids[i, :n], tgt[i, :n] = torch.tensor(r[0]), torch.tensor(r[1])
+        mask[i, :n] = torch.tensor(r[2]) if len(r) > 2 else 1
     return {"input_ids": ids, "targets": tgt, "attention_mask": mask}
+
+
+def pack_rows(rows: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list, list, list]]:
+    """Best-fit-decreasing packing of whole conversations into rows of at most ``max_length`` tokens.
+
+    A packed row carries segment ids 1, 2, ... (the model's attention mask), so each conversation sees
+    only itself and its positions restart at 0; its last target is -100, so no loss crosses a boundary.
+    """
+    import bisect
+
+    frees: list[tuple[int, int]] = []  # (free tokens, bin index), sorted
+    bins: list[list[tuple]] = []
+    for r in sorted(rows, key=lambda r: -len(r[0])):
+        k = bisect.bisect_left(frees, (len(r[0]), -1))
+        if k == len(frees):
+            bins.append([])
+            free, b = max_length, len(bins) - 1
+        else:
+            free, b = frees.pop(k)
+        bins[b].append(r)
+        bisect.insort(frees, (free - len(r[0]), b))
+    packed = []
+    for members in bins:
+        ids, tgt, seg = [], [], []
+        for k, (a, t) in enumerate(members, start=1):
+            ids += a
+            tgt += t
+            seg += [k] * len(a)
+        packed.append((ids, tgt, seg))
+    return packed
 
 
 def assistant_loss(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 8) -> float:
@@ -133,6 +163,8 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
     random.Random(args.seed).shuffle(rows)
     n_val = max(1, int(args.val_fraction * len(rows))) if args.val_fraction > 0 else 0
     val, train = rows[:n_val], rows[n_val:]
+    if args.pack:
+        train = pack_rows(train, limit)
     steps = max(1, math.ceil(len(train) / args.batch_size) * args.epochs)
     pad = model.config.pad_token_id or 0
 
@@ -178,7 +210,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
     chat = SamplingConfig.chat(stop_token_ids=[tok.eos_id])  # Baichuan 2-Chat's sampling defaults
     save_pretrained(model, out, tokenizer=tok, overwrite=True,
                     generation_config=chat.to_generation_config(pad, tok.bos_id, tok.eos_id, tok.user_id, tok.assistant_id))
-    metrics = {"train_conversations": len(train), "val_conversations": len(val), "steps": step,
+    metrics = {"train_conversations": len(rows) - len(val), "train_rows": len(train), "val_conversations": len(val), "steps": step,
                "val_loss_before": before, "val_loss_after": after, "seconds": round(time.time() - start, 1),
                "lora_r": args.lora.r, "settings": asdict(args)}
     atomic_write_json(out.parent / f"{out.name}-logs" / "sft_result.json", metrics)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from baichuan2.align.sft import SFTArgs, read_conversations, sft
+from baichuan2.utils.io import as_paths
 
 
-def run(checkpoint: str, data: list[str], out_dir: str = "runs/sft", args: SFTArgs = SFTArgs(),
+def run(checkpoint: str, data: str | list[str], out_dir: str = "runs/sft", args: SFTArgs = SFTArgs(),
         dtype: str = "float32", device: str = "auto") -> None:
     """Fine-tune CHECKPOINT on conversations with loss on the assistant's tokens only (Baichuan 2 chat format).
 
@@ -27,7 +28,7 @@ def run(checkpoint: str, data: list[str], out_dir: str = "runs/sft", args: SFTAr
 
     model = load_pretrained(checkpoint, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(checkpoint)
-    m = sft(model, tok, list(read_conversations(data)), out_dir, args)
+    m = sft(model, tok, list(read_conversations(as_paths(data))), out_dir, args)
     print(f"sft: {m['steps']} steps on {m['train_conversations']} conversations in {m['seconds']} s; "
           f"held-out assistant loss {m['val_loss_before']:.4f} -> {m['val_loss_after']:.4f}; saved {out_dir}")
 

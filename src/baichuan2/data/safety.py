@@ -7,12 +7,11 @@ returning harm probabilities; documents at or above ``classifier_threshold`` are
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from baichuan2.utils.io import InputError
+from baichuan2.utils.io import InputError, load_callable
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -65,13 +64,7 @@ class SafetyFilter:
         self.args = args
         self.harmful = _pattern(read_terms(args.harmful_terms_files, args.harmful_terms))
         self.upsample = _pattern(read_terms(args.upsample_terms_files, args.upsample_terms))
-        self.classifier = None
-        if args.classifier:
-            module, _, name = args.classifier.partition(":")
-            try:
-                self.classifier = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError) as e:
-                raise InputError(f"safety.classifier {args.classifier!r} cannot be imported: {e}") from None
+        self.classifier = load_callable(args.classifier, "safety.classifier") if args.classifier else None
 
     def check(self, texts: list[str]) -> list[tuple[str | None, bool]]:
         """Per text: (reject reason or None, has a safety up-sample term)."""

@@ -1,4 +1,4 @@
-"""`baichuan2 eval mc | bbh | ppl | compare`."""
+"""`baichuan2 eval mc | bbh | ppl | compare | safety`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from baichuan2.eval.harness import PAPER, MCArgs
-from baichuan2.utils.io import InputError, read_json
+from baichuan2.eval.safety import RedTeamArgs
+from baichuan2.utils.io import InputError, as_paths, atomic_write_json, atomic_write_text, read_json
 
 
 def _load(checkpoint: str, dtype: str, device: str):
@@ -70,7 +71,7 @@ def bbh(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3, 
     print(f"bbh: {res['accuracy']:.2f}% (micro, {res['n']} examples), {res['macro_accuracy']:.2f}% (macro)")
 
 
-def ppl(checkpoint: str, inputs: list[str], text_field: str = "text", window: int = 0, max_tokens: int = 0,
+def ppl(checkpoint: str, inputs: str | list[str], text_field: str = "text", window: int = 0, max_tokens: int = 0,
         batch_size: int = 8, dtype: str = "auto", device: str = "auto") -> None:
     """Perplexity and bits per byte on text, JSONL (.gz/.zst) or parquet files.
 
@@ -116,4 +117,49 @@ def compare(results: str, reference: str = "baichuan2-7b-base") -> None:
     print(table(ours, ref))
 
 
-COMMANDS = {"mc": mc, "bbh": bbh, "ppl": ppl, "compare": compare}
+def safety(checkpoint: str, safetybench: str = "", redteam: str | list[str] | None = None, out_dir: str = "runs/eval",
+           split: str = "zh_subset", shots: int = 5, shots_file: str | None = None, limit: int = 0,
+           attack: RedTeamArgs = RedTeamArgs(), dtype: str = "auto", device: str = "auto") -> None:
+    """Safety evaluation: SafetyBench multiple choice per category and/or red-team refusal and unsafe rates.
+
+    SafetyBench: the official prompts (five-shot with the safety-exam header), scored by the option
+    letters' next-token logits; accuracy per category (Offensiveness, Unfairness and Bias, Physical
+    Health, Mental Health, Illegal Activities, Ethics and Morality, Privacy and Property).
+    Red team: every base prompt (JSON/JSONL with prompt/question/messages or preference pairs, e.g. the
+    hh-rlhf harmless set) wrapped in each attack template, answered, judged as refusal / unsafe; rates
+    per category and per attack type; responses kept in OUT_DIR/safety/redteam/responses.jsonl.
+
+    Args:
+        checkpoint: Model directory (HF layout with tokenizer).
+        safetybench: SafetyBench directory (its opensource_data/ with test_<split>.json and answers).
+        redteam: Red-team prompt files.
+        out_dir: Results go to OUT_DIR/safety/.
+        split: SafetyBench file split (zh_subset has public answers).
+        shots: Few-shot examples per question (0 = zero-shot).
+        shots_file: SafetyBench dev file ({category: [examples]}); default: 5 per category held out.
+        limit: SafetyBench questions per category (0 = all).
+        attack: Red-team settings (attack types, judge, decoding).
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.align.preference import read_prompts
+    from baichuan2.eval.safety import evaluate_safetybench, format_safety, load_safetybench, red_team
+
+    if not safetybench and not redteam:
+        raise SystemExit("eval safety: give --safetybench DIR and/or --redteam FILE")
+    model, tok = _load(checkpoint, dtype, device)
+    out = Path(out_dir) / "safety"
+    bench = red = None
+    if safetybench:
+        lang = "en" if split.startswith("en") else "zh"
+        bench = evaluate_safetybench(model, tok, load_safetybench(safetybench, split), shots, lang,
+                                     dev_file=shots_file, limit=limit)
+        atomic_write_json(out / "safetybench.json", bench)
+    if redteam:
+        red = red_team(model, tok, list(read_prompts(as_paths(redteam))), attack, out / "redteam")
+    report = format_safety(bench, red)
+    atomic_write_text(out / "report.md", report + "\n")
+    print(report)
+
+
+COMMANDS = {"mc": mc, "bbh": bbh, "ppl": ppl, "compare": compare, "safety": safety}

@@ -27,7 +27,10 @@ class LadderArgs:
         vocab_size: Vocabulary size (read from the shards' manifest when 0).
         global_batch_tokens: Tokens per optimizer step (same for every rung).
         micro_batch_size: Rows per forward pass.
-        lr: Peak learning rate (same for every rung).
+        lr: Peak learning rate of the narrowest rung.
+        lr_width_exponent: Wider rungs get lr * (narrowest hidden / hidden) ** exponent. 0 keeps one LR for
+            every rung; 1 is the muP rule for Adam's hidden layers (the optimal LR falls as 1/width). With
+            one LR, the wider rungs of a small ladder are over-stepped and the curve bends upwards.
         warmup_frac: Warm-up as a fraction of each rung's steps.
         precision: "auto", "bf16" or "fp32".
         seed: Data order and initialisation seed.
@@ -48,6 +51,7 @@ class LadderArgs:
     global_batch_tokens: int = 8192
     micro_batch_size: int = 8
     lr: float = 3e-3
+    lr_width_exponent: float = 0.0
     warmup_frac: float = 0.1
     precision: str = "auto"
     seed: int = 0
@@ -75,8 +79,17 @@ def plan_rungs(args: LadderArgs, vocab_size: int) -> tuple[list[Rung], Rung]:
     return rungs, target
 
 
+def rung_lr(args: LadderArgs, preset: str) -> float:
+    """The rung's peak LR: ``lr`` at the narrowest rung, scaled by width ** -lr_width_exponent."""
+    from baichuan2.model.config import ModelConfig
+
+    widths = [ModelConfig.from_name(p).hidden_size for p in [*args.presets, args.target]]
+    return args.lr * (min(widths) / ModelConfig.from_name(preset).hidden_size) ** args.lr_width_exponent
+
+
 def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, **checkpoint):
-    """The PretrainConfig of one rung: identical across rungs except the model and token budget."""
+    """The PretrainConfig of one rung: identical across rungs except the model, token budget and (with
+    lr_width_exponent) the width-scaled LR."""
     from baichuan2.train.optim import OptimArgs
     from baichuan2.train.trainer import CheckpointArgs, DataArgs, ModelArgs, PretrainConfig, TrainArgs
 
@@ -86,7 +99,7 @@ def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, **check
         model=ModelArgs(preset=rung.preset, overrides={"vocab_size": rung.overrides["vocab_size"]}),
         data=DataArgs(shards=shards, seq_len=args.seq_len, val_shards=args.val_shards or None,
                       val_rows=args.val_rows),
-        optim=OptimArgs(lr=args.lr, warmup_steps=max(1, int(args.warmup_frac * steps))),
+        optim=OptimArgs(lr=rung_lr(args, rung.preset), warmup_steps=max(1, int(args.warmup_frac * steps))),
         train=TrainArgs(global_batch_tokens=args.global_batch_tokens, micro_batch_size=args.micro_batch_size,
                         max_steps=steps, precision=args.precision, seed=args.seed, log_every=max(1, steps // 50)),
         checkpoint=CheckpointArgs(**checkpoint) if checkpoint else CheckpointArgs(release_final=False),
@@ -103,7 +116,7 @@ def train_rung(args: LadderArgs, rung: Rung, shards: str, run_dir: str | Path, *
         return read_json(result_file)
     res = pretrain(rung_config(args, rung, shards, str(run_dir), **checkpoint))
     record = {"name": rung.name, "preset": rung.preset, "params": rung.params, "tokens": res.tokens,
-              "flops": rung.flops * res.tokens / rung.tokens, "final_loss": res.final_loss,
+              "flops": rung.flops * res.tokens / rung.tokens, "lr": rung_lr(args, rung.preset), "final_loss": res.final_loss,
               "smoothed_loss": res.smoothed_loss, "val_loss": res.val_loss, "release_dir": res.release_dir}
     atomic_write_json(result_file, record)
     return record

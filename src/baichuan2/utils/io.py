@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -173,3 +173,36 @@ def open_binary(path: str | os.PathLike) -> IO[bytes]:
 def open_text(path: str | os.PathLike, errors: str = "strict") -> IO[str]:
     """Open a text file for reading, decompressing ``.gz`` and ``.zst`` by suffix."""
     return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors=errors)
+
+
+def as_paths(value: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    """One path or several (the CLI accepts ``file`` as well as ``[a,b]``) as a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    return [os.fspath(v) for v in value]
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(place, record)`` from a JSON-array file or JSONL (also .gz/.zst), detected from the first bytes;
+    ``place`` ("file[i]" or "file:line") is for error messages."""
+    with open_text(path, errors="replace") as fh:
+        is_array = fh.read(4096).lstrip().startswith("[")
+    if is_array:
+        for i, record in enumerate(read_json(path)):
+            yield f"{path}[{i}]", record
+    else:
+        for n, record in iter_jsonl(path):
+            yield f"{path}:{n}", record
+
+
+def load_callable(spec: str, what: str = "function") -> Any:
+    """``"package.module:function"`` -> the function, or an InputError saying why it cannot be imported."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise InputError(f"{what} {spec!r} cannot be imported: {e}") from None

@@ -1,0 +1,322 @@
+"""Reward model: the LM trunk plus a scalar head, trained with InstructGPT's pairwise loss.
+
+``score = head(h_last)`` where ``h_last`` is the final hidden state of the last real token (the EOS that
+ends the assistant turn), and ``loss = -log sigmoid(r_chosen - r_rejected)``. Sequences are truncated from
+the left, because chosen and rejected differ at their ends. The same module with per-token outputs is
+PPO's critic (``values``).
+
+Evaluation reports pairwise accuracy overall, per taxonomy category at each of the three levels, by the
+annotated score gap when the data has one (Baichuan 2's Table 4: larger gaps are judged more accurately),
+and by buckets of the model's own margin |r_c - r_r| (the same question asked of the model: are its
+confident calls right more often?).
+
+On disk a reward model is an HF-layout LM checkpoint (so the trunk loads anywhere) plus
+``value_head.safetensors`` and ``reward_config.json`` (head settings, score mean/std for normalisation).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from baichuan2.align.preference import Pair
+from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
+from baichuan2.tokenizer.chat import encode_chat
+from baichuan2.utils.io import InputError, atomic_write_json, read_json
+
+HEAD_FILE = "value_head.safetensors"
+CONFIG_FILE = "reward_config.json"
+
+
+class RewardModel(nn.Module):
+    """``lm.model`` (trunk) + ``head`` (hidden -> 1). The LM's own head is kept only so the directory
+    stays a loadable LM checkpoint; it gets no gradient."""
+
+    def __init__(self, lm, score_mean: float = 0.0, score_std: float = 1.0):
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.config.hidden_size, 1, bias=False, device=lm.device, dtype=torch.float32)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(lm.config.hidden_size + 1))
+        lm.lm_head.weight.requires_grad_(False)
+        self.score_mean, self.score_std = score_mean, score_std
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[b, t]`` scalar output at every position (fp32): the critic's V(s_t)."""
+        hidden = self.lm.model(input_ids, attention_mask=attention_mask)
+        return self.head(hidden.float()).squeeze(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[b]`` scores at each row's last real token (rows right-padded, mask 1 = token)."""
+        last = attention_mask.long().sum(dim=1) - 1
+        return self.values(input_ids, attention_mask)[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores on the training distribution's scale: mean 0, std 1 (for PPO rewards)."""
+        return (scores - self.score_mean) / max(self.score_std, 1e-6)
+
+    def save(self, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        from baichuan2.model.checkpoint import save_pretrained
+
+        meta = {"head": "linear_last_token", "score_mean": self.score_mean, "score_std": self.score_std,
+                **(extra or {})}
+        with tempfile.TemporaryDirectory() as tmp:
+            head = Path(tmp) / HEAD_FILE
+            save_file({"weight": self.head.weight.detach().float().cpu().contiguous()}, str(head))
+            return save_pretrained(self.lm, directory, tokenizer=tokenizer, overwrite=True,
+                                   extra_files={CONFIG_FILE: meta}, copy_files=[head])
+
+    @classmethod
+    def load(cls, directory: str | Path, dtype: str = "auto", device: str = "cpu") -> RewardModel:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from baichuan2.model.checkpoint import CheckpointError, load_pretrained
+
+        d = Path(directory)
+        if not (d / HEAD_FILE).exists() or not (d / CONFIG_FILE).exists():
+            raise CheckpointError(f"{d}: not a reward model (needs {HEAD_FILE} and {CONFIG_FILE}; train one with "
+                                  "`baichuan2 rm train`)")
+        meta = read_json(d / CONFIG_FILE)
+        rm = cls(load_pretrained(d, dtype=dtype, device=device), meta.get("score_mean", 0.0),
+                 meta.get("score_std", 1.0))
+        try:
+            weight = load_file(str(d / HEAD_FILE))["weight"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise CheckpointError(f"{d / HEAD_FILE}: unreadable value head ({e})") from None
+        if weight.shape != rm.head.weight.shape:
+            raise CheckpointError(f"{d / HEAD_FILE}: head shape {tuple(weight.shape)} does not match hidden size "
+                                  f"{rm.config.hidden_size}")
+        with torch.no_grad():
+            rm.head.weight.copy_(weight)
+        return rm
+
+
+def encode_for_reward(tok, messages: list[dict], max_length: int) -> list[int]:
+    """Chat ids ending with the EOS after the last assistant turn, left-truncated to ``max_length``."""
+    ids, _ = encode_chat(tok, messages)
+    if ids[-1] != tok.eos_id:
+        ids.append(tok.eos_id)
+    return ids[-max_length:]
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_rows(rm: RewardModel, rows: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+    """Raw scores of token rows (each ending with EOS), longest-first batches to limit padding."""
+    was_training = rm.training
+    rm.eval()
+    out = torch.empty(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    pad = rm.config.pad_token_id or 0
+    for k in range(0, len(order), batch_size):
+        idx = order[k: k + batch_size]
+        ids, mask = right_pad([rows[i] for i in idx], pad)
+        out[idx] = rm(ids.to(rm.device), mask.to(rm.device)).float().cpu()
+    rm.train(was_training)
+    return out
+
+
+@dataclass
+class EncodedPair:
+    chosen: list[int]
+    rejected: list[int]
+    category: str
+    gap: float | None
+
+
+def encode_pairs(tok, pairs: Sequence[Pair], max_length: int, taxonomy: Taxonomy) -> list[EncodedPair]:
+    out = []
+    for p in pairs:
+        c, r = encode_for_reward(tok, p.chosen, max_length), encode_for_reward(tok, p.rejected, max_length)
+        if c == r:
+            continue  # identical after truncation: no preference signal
+        out.append(EncodedPair(c, r, taxonomy.resolve(p.category, p.prompt_text), p.gap))
+    return out
+
+
+@dataclass
+class RMArgs:
+    """Args:
+        max_length: Tokens per sequence (left-truncated: chosen and rejected differ at the end).
+        epochs: Passes over the training pairs.
+        batch_size: Pairs per optimizer step (both answers go through one forward pass).
+        lr: Peak learning rate (linear warm-up, cosine decay to 10%).
+        warmup_frac: Warm-up as a fraction of the steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: Gradient-norm clip.
+        margin: Subtracted from r_c - r_r inside the loss (0 = InstructGPT's loss).
+        center_coef: Weight of mean((r_c + r_r)^2), keeping scores centred (0 = off).
+        val_fraction: Share of pairs held out for evaluation (when no eval_data is given).
+        seed: Split and shuffle seed.
+        taxonomy: 3-level prompt taxonomy YAML (categories for unlabelled prompts and the report).
+    """
+
+    max_length: int = 512
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-5
+    warmup_frac: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    margin: float = 0.0
+    center_coef: float = 0.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    taxonomy: str = str(DEFAULT_TAXONOMY)
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
+                  center_coef: float = 0.0) -> torch.Tensor:
+    """InstructGPT: ``-log sigmoid(r_c - r_r - margin)``, optionally + ``center_coef * mean((r_c + r_r)^2)``."""
+    loss = -nn.functional.logsigmoid(chosen - rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(val_fraction * len(pairs))) if val_fraction > 0 else 0
+    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+
+
+def evaluate_reward_model(rm: RewardModel, pairs: Sequence[EncodedPair], batch_size: int = 16,
+                          margin_buckets: int = 5) -> dict:
+    """Pairwise accuracy overall, per category level, per annotated gap and per model-margin bucket."""
+    if not pairs:
+        raise InputError("no evaluation pairs")
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    scores = score_rows(rm, rows, batch_size)
+    rc, rr = scores[: len(pairs)], scores[len(pairs):]
+    win = ((rc > rr).float() + 0.5 * (rc == rr).float()).tolist()  # a tie is a coin flip
+
+    def table(keys: list[str]) -> dict:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for k, w in zip(keys, win, strict=True):
+            groups[k].append(w)
+        return {k: {"n": len(v), "accuracy": round(100 * sum(v) / len(v), 2)} for k, v in sorted(groups.items())}
+
+    levels = [category_levels(p.category) for p in pairs]
+    report = {
+        "n": len(pairs), "accuracy": round(100 * sum(win) / len(win), 2),
+        "mean_margin": round(float((rc - rr).mean()), 4),
+        "by_primary": table([lv[0] for lv in levels]),
+        "by_secondary": table([lv[1] for lv in levels]),
+        "by_category": table([lv[2] for lv in levels]),
+    }
+    if any(p.gap is not None for p in pairs):
+        report["by_gap"] = table([str(p.gap) if p.gap is not None else "none" for p in pairs])
+    margins = (rc - rr).abs()
+    edges = torch.quantile(margins, torch.linspace(0, 1, margin_buckets + 1)).tolist()
+    bucket = [min(margin_buckets - 1, sum(m > e for e in edges[1:-1])) for m in margins.tolist()]
+    by_margin = table([f"q{b + 1}" for b in bucket])
+    for b in range(margin_buckets):
+        if f"q{b + 1}" in by_margin:
+            by_margin[f"q{b + 1}"]["margin_range"] = [round(edges[b], 4), round(edges[b + 1], 4)]
+    report["by_margin_quantile"] = by_margin
+    return report
+
+
+def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: Sequence[EncodedPair],
+                       out_dir: str | Path, args: RMArgs = RMArgs(), progress: bool = True) -> dict:
+    """Train ``rm`` in place with the pairwise loss; evaluate before/after; save to ``out_dir``."""
+    from tqdm import tqdm
+
+    from baichuan2.train.optim import OptimArgs, lr_at, set_lr
+    from baichuan2.utils.metrics import MetricsLogger
+
+    if not train:
+        raise InputError("no training pairs")
+    out = Path(out_dir)
+    logs = out.parent / f"{out.name}-logs"
+    logger = MetricsLogger(logs, tensorboard=True)
+    before = evaluate_reward_model(rm, val) if val else None
+    params = [p for p in rm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    steps = max(1, math.ceil(len(train) / args.batch_size) * args.epochs)
+    schedule = OptimArgs(lr=args.lr, min_lr_ratio=0.1, warmup_steps=max(1, int(args.warmup_frac * steps)))
+    pad = rm.config.pad_token_id or 0
+    rng = random.Random(args.seed + 1)
+    rm.train()
+    start, step = time.time(), 0
+    bar = tqdm(total=steps, desc="reward model", unit="step", disable=not progress)
+    for _ in range(args.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for k in range(0, len(order), args.batch_size):
+            batch = [train[i] for i in order[k: k + args.batch_size]]
+            ids, mask = right_pad([p.chosen for p in batch] + [p.rejected for p in batch], pad)
+            scores = rm(ids.to(rm.device), mask.to(rm.device))
+            rc, rr = scores[: len(batch)], scores[len(batch):]
+            loss = pairwise_loss(rc, rr, args.margin, args.center_coef)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"reward model: non-finite loss at step {step}; lower the learning rate")
+            set_lr(opt, lr_at(step, schedule, steps))
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            rc, rr = rc.detach(), rr.detach()
+            acc = float((rc > rr).float().mean())
+            logger.log(step, loss=float(loss.detach()), accuracy=acc, margin=float((rc - rr).mean()),
+                       lr=lr_at(step - 1, schedule, steps), grad_norm=float(norm))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
+    bar.close()
+    logger.close()
+    rm.eval()
+    # Normalisation constants for PPO: the score distribution over the training answers.
+    sample = train[: 512]
+    scores = score_rows(rm, [p.chosen for p in sample] + [p.rejected for p in sample])
+    rm.score_mean, rm.score_std = float(scores.mean()), float(scores.std()) if len(scores) > 1 else 1.0
+    after = evaluate_reward_model(rm, val) if val else None
+    rm.save(out, tokenizer=tok, extra={"max_length": args.max_length, "taxonomy": Path(args.taxonomy).name})
+    result = {"train_pairs": len(train), "val_pairs": len(val), "steps": step,
+              "seconds": round(time.time() - start, 1), "val_before": before, "val_after": after,
+              "settings": asdict(args)}
+    atomic_write_json(logs / "rm_result.json", result)
+    return result
+
+
+def format_report(report: dict, top: int = 12) -> str:
+    """Markdown tables: overall, primary categories, gap/margin buckets, the largest tertiary categories."""
+    lines = [f"pairwise accuracy {report['accuracy']:.2f}% on {report['n']} pairs "
+             f"(mean margin {report['mean_margin']:+.3f})", "", "| group | n | accuracy |", "|---|---:|---:|"]
+    sections = [("by_primary", None), ("by_gap", None), ("by_margin_quantile", None), ("by_category", top)]
+    for key, limit in sections:
+        rows = sorted(report.get(key, {}).items(), key=lambda kv: -kv[1]["n"]) if limit else \
+            list(report.get(key, {}).items())
+        for name, r in rows[: limit or None]:
+            extra = f" (|margin| {r['margin_range'][0]:.3f}-{r['margin_range'][1]:.3f})" if "margin_range" in r else ""
+            lines.append(f"| {key[3:]}: {name}{extra} | {r['n']} | {r['accuracy']:.1f}% |")
+    return "\n".join(lines)
