@@ -226,14 +226,11 @@ class Rollout:
 
 def pack_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width - 1))
+    from baichuan2.eval.scoring import right_pad
+
+    ids, attn = right_pad([list(p) + list(r) for p, r in zip(prompts, responses, strict=True)], pad)
+    mask = torch.zeros((ids.shape[0], ids.shape[1] - 1))
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        ids[i, : len(p) + len(r)] = torch.tensor(rows[i])
-        attn[i, : len(p) + len(r)] = 1
         mask[i, len(p) - 1: len(p) + len(r) - 1] = 1
     return ids, attn, mask
 

@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from baichuan2.align.preference import Pair
+from baichuan2.align.sft import split_holdout
 from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
+from baichuan2.eval.scoring import length_batches, right_pad
 from baichuan2.tokenizer.chat import encode_chat
 from baichuan2.utils.io import InputError, atomic_write_json, read_json
 
@@ -118,26 +120,14 @@ def encode_for_reward(tok, messages: list[dict], max_length: int) -> list[int]:
     return ids[-max_length:]
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score_rows(rm: RewardModel, rows: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
     """Raw scores of token rows (each ending with EOS), longest-first batches to limit padding."""
     was_training = rm.training
     rm.eval()
     out = torch.empty(len(rows))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     pad = rm.config.pad_token_id or 0
-    for k in range(0, len(order), batch_size):
-        idx = order[k: k + batch_size]
+    for idx in length_batches([len(r) for r in rows], batch_size):
         ids, mask = right_pad([rows[i] for i in idx], pad)
         out[idx] = rm(ids.to(rm.device), mask.to(rm.device)).float().cpu()
     rm.train(was_training)
@@ -200,13 +190,6 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 
     if center_coef:
         loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
     return loss
-
-
-def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, int(val_fraction * len(pairs))) if val_fraction > 0 else 0
-    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
 
 
 def evaluate_reward_model(rm: RewardModel, pairs: Sequence[EncodedPair], batch_size: int = 16,

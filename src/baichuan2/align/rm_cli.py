@@ -37,7 +37,8 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
         dtype: Training dtype of the weights.
         device: auto | cpu | cuda | cuda:N.
     """
-    from baichuan2.align.reward import RewardModel, format_report, split_pairs, train_reward_model
+    from baichuan2.align.reward import RewardModel, format_report, train_reward_model
+    from baichuan2.align.sft import split_holdout
     from baichuan2.model.checkpoint import load_pretrained
     from baichuan2.tokenizer import Tokenizer
 
@@ -48,7 +49,7 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
     if eval_data:
         train_pairs, val = pairs, _pairs(tok, eval_data, args, 0)
     else:
-        train_pairs, val = split_pairs(pairs, args.val_fraction, args.seed)
+        train_pairs, val = split_holdout(pairs, args.val_fraction, args.seed)
     res = train_reward_model(RewardModel(lm), tok, train_pairs, val, out_dir, args)
     print(f"rm: {res['steps']} steps on {res['train_pairs']} pairs in {res['seconds']} s; saved {out_dir}")
     if res["val_after"]:

@@ -95,6 +95,14 @@ class SFTArgs:
     lora: LoraArgs = field(default_factory=LoraArgs)
 
 
+def split_holdout(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
+    """``(train, held_out)``: a seeded shuffle, then ``fraction`` of the items (at least one) held out."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    n_val = max(1, int(fraction * len(items))) if fraction > 0 else 0
+    return items[n_val:], items[:n_val]
+
+
 def _batch(rows: list[tuple], pad: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors; rows are (ids, targets) or packed (ids, targets, segment ids)."""
     width = max(len(r[0]) for r in rows)
@@ -160,9 +168,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
     rows = [r for r in rows if any(t != -100 for t in r[1])]  # nothing to learn without assistant tokens
     if len(rows) < 2:
         raise InputError(f"need at least 2 conversations with an assistant turn, got {len(rows)}")
-    random.Random(args.seed).shuffle(rows)
-    n_val = max(1, int(args.val_fraction * len(rows))) if args.val_fraction > 0 else 0
-    val, train = rows[:n_val], rows[n_val:]
+    train, val = split_holdout(rows, args.val_fraction, args.seed)
     if args.pack:
         train = pack_rows(train, limit)
     steps = max(1, math.ceil(len(train) / args.batch_size) * args.epochs)

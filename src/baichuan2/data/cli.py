@@ -10,7 +10,7 @@ from baichuan2.data.minhash import MinHashParams
 from baichuan2.data.quality import QualityArgs
 from baichuan2.data.safety import SafetyArgs
 from baichuan2.data.score import ScoreArgs
-from baichuan2.utils.io import InputError
+from baichuan2.utils.io import InputError, as_paths
 
 
 def run(inputs: str | list[str], out_dir: str = "runs/data", text_field: str = "text", workers: int = 2,
@@ -45,7 +45,7 @@ def run(inputs: str | list[str], out_dir: str = "runs/data", text_field: str = "
     """
     from baichuan2.data.pipeline import DataRecipe, run_pipeline
 
-    recipe = DataRecipe(inputs=[inputs] if isinstance(inputs, str) else list(inputs), out_dir=out_dir,
+    recipe = DataRecipe(inputs=as_paths(inputs), out_dir=out_dir,
                         text_field=text_field, workers=workers, executor=executor, ray_address=ray_address,
                         zh_threshold=zh_threshold, quality=quality, safety=safety, exact=exact, minhash=minhash,
                         embed=embed, score=score)

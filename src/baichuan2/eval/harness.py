@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +47,21 @@ class MCArgs:
     batch_size: int = 8
 
 
-def build_prompt(tok, bench: Benchmark, subject: Subject, item: Item, shots: int, max_tokens: int) -> list[int]:
-    """Token ids of the few-shot prompt, dropping shots from the end until it fits ``max_tokens``."""
-    k = min(shots, len(subject.dev))
+def fit_shots(tok, render: Callable[[int], str], shots: int, max_tokens: int) -> list[int]:
+    """``[bos] + ids`` of ``render(k)`` for the largest ``k <= shots`` that fits ``max_tokens`` (shots dropped
+    from the end); a zero-shot prompt that still does not fit keeps its end."""
+    k = shots
     while True:
-        ids = [tok.bos_id] + tok.encode(bench.prompt(subject, subject.dev[:k], item))
+        ids = [tok.bos_id] + tok.encode(render(k))
         if len(ids) <= max_tokens or k == 0:
             return ids if len(ids) <= max_tokens else [tok.bos_id] + ids[-(max_tokens - 1):]
         k -= 1
+
+
+def build_prompt(tok, bench: Benchmark, subject: Subject, item: Item, shots: int, max_tokens: int) -> list[int]:
+    """Token ids of the few-shot prompt, dropping shots from the end until it fits ``max_tokens``."""
+    return fit_shots(tok, lambda k: bench.prompt(subject, subject.dev[:k], item), min(shots, len(subject.dev)),
+                     max_tokens)
 
 
 def letter_token_ids(tok, n: int) -> list[int]:

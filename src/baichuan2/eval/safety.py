@@ -118,7 +118,7 @@ def split_shots(items: list[SafetyItem], shots: int, seed: int = 0, dev_file: st
 def evaluate_safetybench(model, tok, items: list[SafetyItem], shots: int = 5, lang: str = "zh", seed: int = 0,
                          dev_file: str | None = None, batch_size: int = 8, limit: int = 0) -> dict:
     """Accuracy per category and overall, by the option letters' next-token log-probabilities after '('."""
-    from baichuan2.eval.harness import letter_token_ids
+    from baichuan2.eval.harness import fit_shots, letter_token_ids
     from baichuan2.eval.scoring import letter_logprobs
 
     pool, test = split_shots(items, shots, seed, dev_file)
@@ -133,13 +133,9 @@ def evaluate_safetybench(model, tok, items: list[SafetyItem], shots: int = 5, la
     context = model.config.max_position_embeddings
     prompts = []
     for it in test:
-        k = len(pool.get(it.category, []))
-        while True:  # drop shots from the end until the prompt fits
-            ids = [tok.bos_id] + tok.encode(safetybench_prompt(it, pool.get(it.category, [])[:k], lang) + "(")
-            if len(ids) <= context or k == 0:
-                break
-            k -= 1
-        prompts.append(ids[-context:])
+        examples = pool.get(it.category, [])
+        prompts.append(fit_shots(tok, lambda k, it=it, ex=examples: safetybench_prompt(it, ex[:k], lang) + "(",
+                                 len(examples), context))
     records: list[dict] = [{} for _ in test]
     groups: dict[int, list[int]] = defaultdict(list)
     for i, it in enumerate(test):

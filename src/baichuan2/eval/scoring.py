@@ -18,7 +18,8 @@ import torch
 from baichuan2.model.model import Baichuan
 
 
-def _batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int = 1 << 30) -> list[list[int]]:
+    """Indices grouped longest first, at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens each."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     out, cur = [], []
     for i in order:
@@ -31,15 +32,20 @@ def _batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> 
     return out
 
 
-@torch.inference_mode()
-def _hidden(model: Baichuan, rows: list[list[int]]) -> torch.Tensor:
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``: rows padded on the right with ``pad``; mask 1 = token, 0 = padding."""
     width = max(len(r) for r in rows)
-    pad = model.config.pad_token_id or 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         mask[i, : len(r)] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def _hidden(model: Baichuan, rows: list[list[int]]) -> torch.Tensor:
+    ids, mask = right_pad(rows, model.config.pad_token_id or 0)
     dev = model.device
     full = bool(mask.all())
     out = model(ids.to(dev), attention_mask=None if full else mask.to(dev), return_logits=False,
@@ -62,7 +68,7 @@ def letter_logprobs(model: Baichuan, prompts: Sequence[Sequence[int]], letter_id
     _check(prompts, model.config.max_position_embeddings)
     out = torch.empty(len(prompts), len(letter_ids))
     letters = torch.tensor(list(letter_ids), device=model.device)
-    for batch in _batches([len(p) for p in prompts], batch_size, max_batch_tokens):
+    for batch in length_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
         rows = [list(prompts[i]) for i in batch]
         hidden = _hidden(model, rows)
         last = hidden[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
@@ -90,7 +96,7 @@ def continuation_logprobs(model: Baichuan, pairs: Sequence[tuple[Sequence[int], 
         rows.append(ctx + list(cont))
         spans.append((len(ctx), len(cont)))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    for batch in _batches([len(r) for r in rows], batch_size, max_batch_tokens):
+    for batch in length_batches([len(r) for r in rows], batch_size, max_batch_tokens):
         hidden = _hidden(model, [rows[i] for i in batch])
         for j, i in enumerate(batch):
             start, n = spans[i]
@@ -105,7 +111,7 @@ def token_nll(model: Baichuan, rows: Sequence[Sequence[int]], batch_size: int = 
     """Summed negative log-likelihood of tokens 1..n-1 of each row given the earlier ones."""
     _check(rows, model.config.max_position_embeddings)
     out = [0.0] * len(rows)
-    for batch in _batches([len(r) for r in rows], batch_size, 1 << 30):
+    for batch in length_batches([len(r) for r in rows], batch_size, 1 << 30):
         hidden = _hidden(model, [list(rows[i]) for i in batch])
         for j, i in enumerate(batch):
             n = len(rows[i])
