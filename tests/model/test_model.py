@@ -184,6 +184,24 @@ def test_normhead_eval_cache_follows_weight_updates():
     assert torch.allclose(before[..., :10], -after[..., :10], atol=1e-6)
 
 
+def test_normhead_eval_cache_survives_fused_optimizer_steps():
+    """Fused AdamW updates weights without bumping their version: evaluation between training steps
+    (the trainer's periodic val loss, SFT's before/after loss) must still see the new head."""
+    model = make("rope")
+    ids = torch.randint(3, 512, (2, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        model(ids)  # fills the cache
+    model.train()
+    model(ids, ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(ids, return_hidden=True)
+    w = model.lm_head.weight
+    assert torch.allclose(out.logits, out.hidden_states @ (w / w.norm(dim=-1, keepdim=True)).T, atol=1e-5)
+
+
 def test_normhead_gradient_flows_through_normalisation():
     model = make("rope").train()
     ids = torch.randint(3, 512, (2, 8))
@@ -280,3 +298,16 @@ def test_attention_mask_length_mismatch_is_a_clear_error():
     model = make("rope")
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.randint(3, 512, (1, 5)), attention_mask=torch.ones((1, 4), dtype=torch.long))
+
+
+def test_ladder_names_match_their_size():
+    """A preset called ladder-<N> has about N non-embedding parameters (the scaling ladder reads its names)."""
+    from baichuan2.model.config import PRESETS
+
+    units = {"k": 1e3, "m": 1e6, "b": 1e9}
+    ladder = [name for name in PRESETS if name.startswith("ladder-")]
+    assert len(ladder) >= 16
+    for name in ladder:
+        size = name.removeprefix("ladder-")
+        nominal = float(size[:-1]) * units[size[-1]]
+        assert 0.75 < PRESETS[name].num_params(non_embedding=True) / nominal < 1.3, name

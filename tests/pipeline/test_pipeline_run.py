@@ -33,9 +33,8 @@ def test_pipeline_end_to_end_small(tmp_path):
     recipe = PipelineRecipe(out_dir=str(out), code_bytes=200_000, docs_bytes=200_000, workers=1,
                             embed_encoder="none", vocab_size=1024, release_every_tokens=40_000,
                             bench_dir=str(SHARED_DATA / "bench"), eval_limit=1, sft_epochs=1,
-                            ladder=LadderArgs(presets=["ladder-50k", "ladder-100k", "ladder-200k", "ladder-500k",
-                                                       "ladder-1m"], target="ladder-2m", tokens=81_920,
-                                              seq_len=128, global_batch_tokens=2048, micro_batch_size=8))
+                            ladder=LadderArgs(tokens=81_920, seq_len=128, global_batch_tokens=2048,
+                                              micro_batch_size=8))  # the default ladder, fewer tokens
     stages = run_all(recipe)
     # Data: real duplicates found and removed, report written.
     assert stages["data"]["minhash"]["exact_dups"] > 0 and (out / "data" / "report.md").exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from baichuan2.model import Baichuan, ModelConfig
-from baichuan2.train.data import PackedDataset, step_rows
+from baichuan2.train.data import PackedDataset, permute_index, step_rows
 from baichuan2.train.optim import OptimArgs, lr_at, param_groups
 
 
@@ -25,6 +25,34 @@ def test_rows_are_a_pure_function_of_seed_and_index(shard_dir):
     assert np.array_equal(late_first[0], a.row(500)[0])
     c = PackedDataset(shard_dir, seq_len=64, seed=4)
     assert not np.array_equal(a.row(0)[0], c.row(0)[0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 255, 1000, 4097])
+def test_permute_index_is_a_keyed_bijection(n):
+    perm = [permute_index(i, n, key=7) for i in range(n)]
+    assert sorted(perm) == list(range(n))
+    if n >= 255:
+        assert perm != list(range(n))
+        assert perm != [permute_index(i, n, key=8) for i in range(n)]
+        # shuffled, not shifted: neighbours land far apart on average (uniform: n / 3)
+        assert np.mean(np.abs(np.diff(perm))) > n / 5
+    with pytest.raises(IndexError):
+        permute_index(n, n, key=7)
+
+
+def test_rows_of_an_epoch_are_shuffled(shard_dir):
+    stream = PackedDataset(shard_dir, seq_len=64, seed=0, shuffle_rows=False)
+    shuffled = PackedDataset(shard_dir, seq_len=64, seed=0)
+    n = stream.rows_in_epoch(0)
+    rows = Counter(stream.row(i)[0].tobytes() for i in range(n))
+    picked = [shuffled.row(i)[0].tobytes() for i in range(n)]
+    assert Counter(picked) == rows  # the same rows, each once
+    assert picked[:20] != [stream.row(i)[0].tobytes() for i in range(20)]
+    # rows overlap by one token (the last target), so in stream order each row starts where the last ended
+    def continues(ds, i):
+        return ds.row(i)[0][0] == ds.row(i - 1)[0][-1]
+    assert sum(continues(stream, i) for i in range(1, 40)) > 30
+    assert sum(continues(shuffled, i) for i in range(1, 40)) < 10
 
 
 def test_packing_segments_and_targets(shard_dir):

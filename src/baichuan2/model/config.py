@@ -163,9 +163,12 @@ for _name, (_h, _f, _l, _n) in {
 }.items():
     PRESETS[_name] = ModelConfig(hidden_size=_h, intermediate_size=_f, num_hidden_layers=_l, num_attention_heads=_n)
 
-# A geometric ladder (~x2-4 per rung) with depth growing slowly, head_dim 32-128.
-# Names give rounded non-embedding parameter counts (see test_presets_match_names).
+# A geometric ladder (~x2-4 per rung) with depth growing slowly, head_dim 12-128 (the smallest rungs
+# are for CPU scaling demos, where a ~1M-token budget keeps only models this small capacity-limited).
+# Names give rounded non-embedding parameter counts (see test_ladder_names_match_their_size).
 for _name, _args in {
+    "ladder-10k": (16, 3, 1),
+    "ladder-20k": (24, 3, 2),
     "ladder-50k": (32, 4, 2),
     "ladder-100k": (48, 3, 3),
     "ladder-200k": (64, 4, 4),

@@ -307,7 +307,10 @@ class NormHead(nn.Module):
     The stored weight stays un-normalised (as in the official checkpoints); the
     gradient flows through the normalisation.  Without grad the normalised
     matrix is cached until the weight changes (tracked by its version counter),
-    so decoding does not renormalise a [vocab x hidden] matrix every token.
+    so decoding does not renormalise a [vocab x hidden] matrix every token.  The
+    cache is also dropped on every ``train()``/``eval()`` switch and every forward with
+    grad, because fused optimizers (``AdamW(fused=True)``) update weights in place
+    without bumping the version counter.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int):
@@ -319,6 +322,7 @@ class NormHead(nn.Module):
     def normalized_weight(self) -> torch.Tensor:
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
+            self._cache = None
             return F.normalize(w, dim=-1)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._cache is None or self._cache[0] != key:
@@ -327,6 +331,10 @@ class NormHead(nn.Module):
                 normalized = normalized.t().contiguous().t()
             self._cache = (key, normalized)
         return self._cache[1]
+
+    def train(self, mode: bool = True) -> NormHead:
+        self._cache = None
+        return super().train(mode)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, z_weight: float = 0.0,
                 chunk_rows: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -57,9 +57,8 @@ class PipelineRecipe:
     embed_max_chars: int = 300
     vocab_size: int = 4096
     val_fraction: float = 0.03
-    ladder: LadderArgs = field(default_factory=lambda: LadderArgs(tokens=600_000, global_batch_tokens=4096,
-                                                                  micro_batch_size=8))
-    release_every_tokens: int = 200_000
+    ladder: LadderArgs = field(default_factory=LadderArgs)
+    release_every_tokens: int = 300_000
     sample_prompt: str = "def read_file(path):\n"
     sft_epochs: int = 2
     sft_lr: float = 1e-3
@@ -164,8 +163,8 @@ def stage_pretrain(r: PipelineRecipe, out: Path) -> dict:
     _, target = _ladder(r, out)
     run_dir = out / "pretrain"
     result = train_rung(_ladder_args(r, out), target, str(out / "tokens"), run_dir,
-                        release_every_tokens=r.release_every_tokens, release_final=True, save_every=50)
-    plot_runs([str(run_dir)], str(out / "loss.png"), keys=("loss", "lr", "grad_norm", "tokens_per_s"))
+                        evals=12, release_every_tokens=r.release_every_tokens, release_final=True, save_every=50)
+    plot_runs([str(run_dir)], str(out / "loss.png"), keys=("loss", "lr", "grad_norm", "tokens_per_s"), smooth=5)
     releases = sorted(p.name for p in (run_dir / "release").iterdir()) if (run_dir / "release").exists() else []
     return {**result, "releases": releases}
 

@@ -16,7 +16,12 @@ from baichuan2.utils.io import InputError, atomic_write_json, read_json
 
 @dataclass
 class LadderArgs:
-    """Args:
+    """The defaults are the CPU demonstration on the pipeline's ~1.9M-token corpus: every model sees
+    1.2M tokens, so only models up to ~500k non-embedding parameters are still limited by their size
+    (larger ones reach the same loss there; see the README), and the ladder spans 10k-200k to predict
+    a 500k target. For real runs, scale presets, target and tokens together.
+
+    Args:
         presets: Model presets of the ladder's rungs (smallest first).
         target: Held-out larger preset whose final loss the fit predicts (trained with the same recipe).
         tokens: Fixed training tokens for every rung and the target (Baichuan 2's protocol: same data
@@ -37,26 +42,26 @@ class LadderArgs:
         val_shards: Held-out token shards; every rung is scored on the same val_rows rows of them at its
             last step and the fit uses that loss (training-batch loss is too noisy at small scale). Empty:
             fit the smoothed training loss instead.
-        val_rows: Rows of val_shards in the fixed evaluation batch.
+        val_rows: Rows of val_shards in the fixed evaluation batch (at most one pass over them).
     """
 
-    presets: list[str] = field(default_factory=lambda: ["ladder-50k", "ladder-100k", "ladder-200k", "ladder-500k",
-                                                        "ladder-1m"])
-    target: str = "ladder-2m"
-    tokens: int = 1_000_000
+    presets: list[str] = field(default_factory=lambda: ["ladder-10k", "ladder-20k", "ladder-50k", "ladder-100k",
+                                                        "ladder-200k"])
+    target: str = "ladder-500k"
+    tokens: int = 1_200_000
     tokens_per_param: float = 20.0
     min_tokens: int = 65536
     seq_len: int = 256
     vocab_size: int = 0
-    global_batch_tokens: int = 8192
-    micro_batch_size: int = 8
-    lr: float = 3e-3
-    lr_width_exponent: float = 0.0
+    global_batch_tokens: int = 1024
+    micro_batch_size: int = 4
+    lr: float = 2e-2
+    lr_width_exponent: float = 1.0
     warmup_frac: float = 0.1
     precision: str = "auto"
     seed: int = 0
     val_shards: str = ""
-    val_rows: int = 64
+    val_rows: int = 256
 
 
 def _vocab(args: LadderArgs, shards: str) -> int:
@@ -87,9 +92,10 @@ def rung_lr(args: LadderArgs, preset: str) -> float:
     return args.lr * (min(widths) / ModelConfig.from_name(preset).hidden_size) ** args.lr_width_exponent
 
 
-def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, **checkpoint):
+def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, evals: int = 1, **checkpoint):
     """The PretrainConfig of one rung: identical across rungs except the model, token budget and (with
-    lr_width_exponent) the width-scaled LR."""
+    lr_width_exponent) the width-scaled LR. ``evals``: held-out evaluations spread over the run (the
+    last one, at the final step, is the loss the fit uses)."""
     from baichuan2.train.optim import OptimArgs
     from baichuan2.train.trainer import CheckpointArgs, DataArgs, ModelArgs, PretrainConfig, TrainArgs
 
@@ -101,12 +107,13 @@ def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, **check
                       val_rows=args.val_rows),
         optim=OptimArgs(lr=rung_lr(args, rung.preset), warmup_steps=max(1, int(args.warmup_frac * steps))),
         train=TrainArgs(global_batch_tokens=args.global_batch_tokens, micro_batch_size=args.micro_batch_size,
-                        max_steps=steps, precision=args.precision, seed=args.seed, log_every=max(1, steps // 50)),
+                        max_steps=steps, precision=args.precision, seed=args.seed, log_every=max(1, steps // 50),
+                        eval_every=steps // evals if evals > 1 else 0),
         checkpoint=CheckpointArgs(**checkpoint) if checkpoint else CheckpointArgs(release_final=False),
     )
 
 
-def train_rung(args: LadderArgs, rung: Rung, shards: str, run_dir: str | Path, **checkpoint) -> dict:
+def train_rung(args: LadderArgs, rung: Rung, shards: str, run_dir: str | Path, evals: int = 1, **checkpoint) -> dict:
     """Train one rung unless its result.json exists; returns the result record."""
     from baichuan2.train.trainer import pretrain
 
@@ -114,7 +121,7 @@ def train_rung(args: LadderArgs, rung: Rung, shards: str, run_dir: str | Path, *
     result_file = run_dir / "result.json"
     if result_file.exists():
         return read_json(result_file)
-    res = pretrain(rung_config(args, rung, shards, str(run_dir), **checkpoint))
+    res = pretrain(rung_config(args, rung, shards, str(run_dir), evals, **checkpoint))
     record = {"name": rung.name, "preset": rung.preset, "params": rung.params, "tokens": res.tokens,
               "flops": rung.flops * res.tokens / rung.tokens, "lr": rung_lr(args, rung.preset), "final_loss": res.final_loss,
               "smoothed_loss": res.smoothed_loss, "val_loss": res.val_loss, "release_dir": res.release_dir}

@@ -4,8 +4,13 @@ Each epoch is a *plan*: every document of the token shards appears
 ``floor(w) + Bernoulli(frac(w))`` times (w = its sampling weight from the data
 pipeline times its source's weight), and the copies are shuffled, all from
 ``(seed, epoch)``.  The plan's documents, each already ending in EOS, form one
-token stream that is cut into rows of ``seq_len`` inputs (+1 target).  Row ``i``
-of the run is therefore fixed no matter how many processes read it or when:
+token stream that is cut into rows of ``seq_len`` inputs (+1 target), and the
+rows of an epoch are read in a seeded random order (as Megatron's shuffle index
+does): read in stream order, the rows of a small batch would all come from one
+long document, and its gradient would swing between sources from step to step.
+The order is a Feistel-network bijection of the row index, so it costs no memory
+however large the epoch.  Row ``i`` of the run is therefore fixed no matter how
+many processes read it or when:
 resuming needs only the number of rows consumed, and a run resumed on a
 different number of GPUs reads exactly the same global batches.
 
@@ -25,6 +30,36 @@ import torch
 from baichuan2.tokenizer.shards import TokenShards
 
 IGNORE_INDEX = -100
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a cheap 64-bit hash with full avalanche."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def permute_index(index: int, n: int, key: int, rounds: int = 6) -> int:
+    """A keyed pseudo-random bijection of ``range(n)``, O(1) time and memory per index.
+
+    A balanced Feistel network permutes the smallest power-of-four domain holding n
+    (any round function gives a bijection); indices landing >= n are encrypted
+    again ("cycle walking"), which stays inside range(n) after < 4 tries on average.
+    """
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} outside range({n})")
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    round_keys = [_mix64((key + (r + 1) * _GOLDEN) & _M64) for r in range(rounds)]
+    while True:
+        left, right = index >> half, index & mask
+        for k in round_keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        index = (left << half) | right
+        if index < n:
+            return index
 
 
 @dataclass
@@ -41,10 +76,12 @@ class PackedDataset:
     """Rows of packed, weighted, shuffled documents; ``batch(rows)`` builds model inputs."""
 
     def __init__(self, shard_dirs: str | Sequence[str], seq_len: int, seed: int = 0,
-                 source_weights: Mapping[str, float] | None = None, use_doc_weights: bool = True):
+                 source_weights: Mapping[str, float] | None = None, use_doc_weights: bool = True,
+                 shuffle_rows: bool = True):
         self.shards = TokenShards(shard_dirs)
         self.seq_len = seq_len
         self.seed = seed
+        self.shuffle_rows = shuffle_rows
         lengths = self.shards.lengths.astype(np.int64)
         weights = self.shards.weights if use_doc_weights else np.ones(len(lengths))
         if source_weights:
@@ -99,6 +136,8 @@ class PackedDataset:
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(tokens[seq_len + 1], segments[seq_len + 1])`` of global row ``index``."""
         epoch, r = self.locate(index)
+        if self.shuffle_rows:
+            r = permute_index(r, self.rows_in_epoch(epoch), _mix64((self.seed & _M64) ^ _mix64(epoch + _GOLDEN)))
         plan = self.plan(epoch)
         lo, hi = r * self.seq_len, r * self.seq_len + self.seq_len + 1
         first = int(np.searchsorted(plan.starts, lo, side="right")) - 1

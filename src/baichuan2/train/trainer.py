@@ -42,6 +42,9 @@ class DataArgs:
     use_doc_weights: bool = True  # per-document sampling weights from the data pipeline
     val_shards: str | list[str] | None = None  # held-out shards for validation loss
     val_rows: int = 32
+    # Read each epoch's rows in a seeded random order (Megatron's shuffle index); False keeps stream order,
+    # where consecutive rows continue the same document.
+    shuffle_rows: bool = True
 
 
 @dataclass
@@ -155,7 +158,7 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
     if not shard_dirs or not all(shard_dirs):
         raise TrainingError("data.shards is required (directories written by `baichuan2 tokenizer encode`)")
     dataset = PackedDataset(shard_dirs, cfg.data.seq_len, seed=t.seed, source_weights=cfg.data.source_weights,
-                            use_doc_weights=cfg.data.use_doc_weights)
+                            use_doc_weights=cfg.data.use_doc_weights, shuffle_rows=cfg.data.shuffle_rows)
     manifest = read_manifest(shard_dirs[0]) or {}
     vocab_size = manifest.get("tokenizer", {}).get("vocab_size")
     tokenizer_path = manifest.get("tokenizer", {}).get("path")
@@ -212,7 +215,9 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
     val_batch = None
     if cfg.data.val_shards:
         val = PackedDataset(cfg.data.val_shards, seq, seed=0, use_doc_weights=False)
-        val_batch = val.batch(list(range(cfg.data.val_rows)))
+        if val.rows_in_epoch(0) == 0:
+            raise TrainingError(f"data.val_shards {cfg.data.val_shards}: fewer than seq_len + 1 = {seq + 1} tokens")
+        val_batch = val.batch(list(range(min(cfg.data.val_rows, val.rows_in_epoch(0)))))  # no row twice
 
     release_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.checkpoint.release_dtype]
     losses: list[float] = []
