@@ -364,8 +364,9 @@ def pipeline(out_dir: str = "runs/pipeline", recipe: PipelineRecipe = PipelineRe
 
     corpus -> data (filters, exact/MinHash/semantic dedup, scores) -> tokenizer (+ compression stats) ->
     token shards -> pretraining with released checkpoints -> scaling-law ladder predicting the main run ->
-    sample generation -> index.html / summary.md with the plots. Interrupt it at any time and run the same
-    command again to continue. ~10 minutes on 2 CPU cores.
+    sample generation -> SFT on dialogues -> perplexity and a 5-shot slice -> index.html / summary.md with
+    the plots. Interrupt it at any time and run the same command again to continue. About 12 minutes on
+    2 CPU cores.
 
     Args:
         out_dir: Run directory (overrides recipe.out_dir).
