@@ -215,9 +215,8 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
     val_batch = None
     if cfg.data.val_shards:
         val = PackedDataset(cfg.data.val_shards, seq, seed=0, use_doc_weights=False)
-        if val.rows_in_epoch(0) == 0:
-            raise TrainingError(f"data.val_shards {cfg.data.val_shards}: fewer than seq_len + 1 = {seq + 1} tokens")
-        val_batch = val.batch(list(range(min(cfg.data.val_rows, val.rows_in_epoch(0)))))  # no row twice
+        # no row twice (PackedDataset already refuses a set shorter than one row)
+        val_batch = val.batch(list(range(min(cfg.data.val_rows, val.rows_in_epoch(0)))))
 
     release_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.checkpoint.release_dtype]
     losses: list[float] = []
