@@ -111,7 +111,11 @@ def test_conversion_that_does_not_match_is_refused_and_nothing_written(llama_dir
     assert not (tmp_path / "bad").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_unsupported_llama_variants_get_one_clear_error(llama_dir, tmp_path):
+def test_unsupported_llama_variants_get_one_clear_error(llama_dir, converted, tmp_path):
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert.from_llama(str(llama_dir), str(converted))
+    with pytest.raises(CheckpointError, match="GGUF file not found"):
+        convert.from_gguf(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
     data = json.loads((llama_dir / "config.json").read_text())
     for change, message in (({"attention_bias": True}, "biases"), ({"num_key_value_heads": 3}, "groups"),
                             ({"hidden_act": "gelu"}, "hidden_act"), ({"model_type": "gpt2"}, "Llama"),

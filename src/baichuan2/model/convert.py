@@ -153,6 +153,12 @@ def to_llama(src: str, dst: str, dtype: str = "auto", overwrite: bool = False) -
     print(f"wrote Llama checkpoint to {dst}")
 
 
+def _refuse_existing(dst: str, overwrite: bool) -> None:
+    """Say so before minutes of work, not after (atomic_directory would refuse at the end)."""
+    if Path(dst).exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists (pass --overwrite true to replace it)")
+
+
 def _first_id(value, default: int) -> int:
     """An id field that may be a list (``eos_token_id: [2, 0]``) -> its first entry."""
     if isinstance(value, list):
@@ -225,6 +231,7 @@ def from_llama(src: str, dst: str, overwrite: bool = False, verify: bool = True,
         atol: largest logit difference the check accepts.
     """
     started = time.perf_counter()
+    _refuse_existing(dst, overwrite)
     src_path = Path(src)
     if not (src_path / "config.json").exists():
         raise CheckpointError(f"{src}: no config.json (not a model directory)")
@@ -274,6 +281,7 @@ def gguf_to_llama(src: str, dst: str, overwrite: bool = False) -> None:
     path = Path(src)
     if not path.is_file():
         raise CheckpointError(f"{src}: GGUF file not found")
+    _refuse_existing(dst, overwrite)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -295,7 +303,7 @@ def gguf_to_llama(src: str, dst: str, overwrite: bool = False) -> None:
     print(f"wrote transformers checkpoint to {dst}")
 
 
-def from_gguf(src: str, dst: str, overwrite: bool = False, atol: float = 1e-3) -> None:
+def from_gguf(src: str, dst: str, overwrite: bool = False, verify: bool = True, atol: float = 1e-3) -> None:
     """Convert a Llama-architecture GGUF file (e.g. SmolLM2's) straight into the Baichuan 2 layout:
     ``gguf-to-llama`` into a temporary directory, then ``from-llama`` (verified against transformers).
 
@@ -303,12 +311,14 @@ def from_gguf(src: str, dst: str, overwrite: bool = False, atol: float = 1e-3) -
         src: path of the .gguf file.
         dst: output directory (created atomically).
         overwrite: replace dst if it exists.
+        verify: compare fp32 logits with the dequantised source in transformers before writing.
         atol: largest logit difference the check accepts.
     """
+    _refuse_existing(dst, overwrite)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=Path(dst).parent) as tmp:
         gguf_to_llama(src, str(Path(tmp) / "llama"))
-        from_llama(str(Path(tmp) / "llama"), dst, overwrite=overwrite, atol=atol)
+        from_llama(str(Path(tmp) / "llama"), dst, overwrite=overwrite, verify=verify, atol=atol)
 
 
 def to_safetensors(src: str, dst: str, dtype: str = "auto", max_shard_gb: float = 2.0,
