@@ -2,11 +2,12 @@
 GGUF) -> transformers Llama directory -> our checkpoint, compared with transformers side by side.
 
 Measures: conversion time (GGUF -> HF, HF -> ours with its self-check), the largest fp32 logit
-difference on 5 prompts (raw text and ChatML-rendered chats), greedy 64-token agreement, tokenizer and
+difference on 5 prompts (raw text and ChatML-rendered chats), greedy agreement (up to 64 tokens, stopping at eos, vs generate(); and exactly 64 tokens vs transformers'
+forward with its KV cache), tokenizer and
 chat-template agreement, and greedy decoding speed (ours / transformers).  Exits non-zero when the
 acceptance bounds (max |diff| <= 1e-3, identical greedy outputs) fail.
 
-    python benchmarks/real_weights.py [--out runs/real-weights] [--keep]
+    python benchmarks/real_weights.py [--out runs/real-weights [--reuse]]
 """
 
 from __future__ import annotations
@@ -48,21 +49,32 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@torch.no_grad()
+def hf_greedy(reference: torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens from a transformers model with its own KV cache, never stopping early."""
+    out = reference(torch.tensor([ids]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = reference(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="keep the converted directories here (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the directories already in --out (no timing)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="real-weights-"))
     llama_dir, ours_dir = root / "smollm2-llama", root / "smollm2-baichuan"
-    for d in (llama_dir, ours_dir):
-        shutil.rmtree(d, ignore_errors=True)
-
-    t0 = time.perf_counter()
-    gguf_to_llama(str(smollm2_gguf()), str(llama_dir))
-    t1 = time.perf_counter()
-    from_llama(str(llama_dir), str(ours_dir))
-    t2 = time.perf_counter()
+    t0 = t1 = t2 = time.perf_counter()
+    if not (args.reuse and llama_dir.exists() and ours_dir.exists()):
+        for d in (llama_dir, ours_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        gguf_to_llama(str(smollm2_gguf()), str(llama_dir))
+        t1 = time.perf_counter()
+        from_llama(str(llama_dir), str(ours_dir))
+        t2 = time.perf_counter()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,27 +102,33 @@ def main() -> None:
             x = torch.tensor([ids])
             diffs.append((model(x).logits - reference(x).logits).abs().max().item())
 
-    greedy = SamplingConfig(max_new_tokens=NEW_TOKENS, do_sample=False, stop_token_ids=[])
-    gen_cfg = copy.deepcopy(reference.generation_config)
-    gen_cfg.eos_token_id, gen_cfg.do_sample, gen_cfg.max_new_tokens = None, False, NEW_TOKENS
+    # greedy, stopping at the checkpoint's eos ids: ours vs transformers' generate()
+    stops = SamplingConfig.from_generation_config(ours_dir, max_new_tokens=NEW_TOKENS)
+    assert not stops.do_sample
     ours_out, theirs_out, ours_s, theirs_s = [], [], 0.0, 0.0
     with torch.no_grad():
         for ids in prompts:
             s = time.perf_counter()
-            ours_out.append(generate(model, [ids], greedy)[0])
+            ours_out.append(generate(model, [ids], stops, include_stop=True)[0])
             ours_s += time.perf_counter() - s
             s = time.perf_counter()
-            out = reference.generate(torch.tensor([ids]), generation_config=gen_cfg, attention_mask=None)
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
             theirs_s += time.perf_counter() - s
             theirs_out.append(out[0, len(ids):].tolist())
     same = [a == b for a, b in zip(ours_out, theirs_out)]
-    tokens = NEW_TOKENS * len(prompts)
+    tokens = sum(len(o) for o in ours_out)
+    # exactly 64 tokens, no stop: ours vs transformers' forward pass with its own KV cache, step by step
+    forced = [generate(model, [ids], SamplingConfig(max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                    stop_token_ids=[]))[0] == hf_greedy(reference, ids, NEW_TOKENS)
+              for ids in prompts]
 
     result = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
         "gguf_to_llama_s": round(t1 - t0, 1), "llama_to_ours_s": round(t2 - t1, 1),
         "max_logit_diff_per_prompt": [float(f"{d:.3g}") for d in diffs], "max_logit_diff": max(diffs),
-        "greedy_64_identical": f"{sum(same)}/{len(same)}",
+        "greedy_identical_with_eos_stop": f"{sum(same)}/{len(same)}",
+        "greedy_identical_forced_64_tokens": f"{sum(forced)}/{len(forced)}",
+        "generated_tokens_with_eos_stop": [len(o) for o in ours_out],
         "tokenizer_and_template_ids_identical": tokenizer_ok,
         "decode_tokens_per_s": {"ours": round(tokens / ours_s, 1), "transformers": round(tokens / theirs_s, 1),
                                 "ratio_ours_over_transformers": round(theirs_s / ours_s, 2)},
@@ -120,7 +138,7 @@ def main() -> None:
     (root / "real_weights.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     if not args.out:
         shutil.rmtree(root, ignore_errors=True)
-    if max(diffs) > 1e-3 or not all(same) or not tokenizer_ok:
+    if max(diffs) > 1e-3 or not all(same) or not all(forced) or not tokenizer_ok:
         sys.exit("FAILED: logits, greedy outputs or tokenization differ from transformers")
 
 

@@ -153,28 +153,14 @@ def test_chat_cli_on_converted_model(converted):
 
 def test_serve_both_endpoints_on_converted_model(converted):
     openai = pytest.importorskip("openai")
-    import threading
-    import time
-
-    import uvicorn
-
     from baichuan2.serve.engine import Engine
     from baichuan2.serve.server import create_app
-    from tests.serve.conftest import _free_port
+    from tests.serve.conftest import running_server
 
     engine = Engine(str(converted))
     assert engine.defaults.stop_token_ids == [2, 0]
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny-llama"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+    with running_server(create_app(engine, "tiny-llama")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         messages = [{"role": "user", "content": "Hello, how are you?"}]
         chat = client.chat.completions.create(model="tiny-llama", messages=messages, temperature=0, max_tokens=8)
         tok = Tokenizer.from_pretrained(converted)
@@ -185,6 +171,3 @@ def test_serve_both_endpoints_on_converted_model(converted):
         assert chat.usage.prompt_tokens == len(prompt)
         text = client.completions.create(model="tiny-llama", prompt="Hello", temperature=0, max_tokens=8)
         assert text.usage.completion_tokens <= 8 and isinstance(text.choices[0].text, str)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
