@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -48,10 +49,15 @@ class SamplingConfig:
             problems.append(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if not (0 < self.top_p <= 1):
+        if not (0 < self.top_p <= 1):  # (NaN fails this too)
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be finite, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if problems:
             raise ValueError("invalid sampling settings: " + "; ".join(problems))
 

@@ -296,6 +296,9 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
             if engine.accepting:
                 engine.drain(shutdown_deadline)
             super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal once shut down (the process would die "killed by SIGTERM");
+            # a drained shutdown is a clean one: exit 0.
+            getattr(self, "_captured_signals", []).clear()
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=int(shutdown_deadline) + 5)
