@@ -1,6 +1,6 @@
 """`baichuan2 serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the continuous-batching engine.
 
-Endpoints: GET / (a web chat page), POST /v1/chat/completions and /v1/completions (both with ``stream``),
+Endpoints: GET / (a web chat page; /api/info and /api/markdown serve it), POST /v1/chat/completions and /v1/completions (both with ``stream``),
 GET /v1/models, GET /health (503 when the scheduler stopped making progress), GET /metrics (Prometheus).
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input (roles,
 context length), 401 for a missing/wrong bearer token, 404 for an unknown model, 422 for a body that
@@ -24,6 +24,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' (str
 from pydantic import BaseModel, ConfigDict, Field
 
 from baichuan2.serve.engine import Delta, Engine, Overloaded
+from baichuan2.serve.markdown import render_markdown
 from baichuan2.utils.io import InputError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -57,6 +58,10 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(max_length=10_000_000)
+
+
+class MarkdownRequest(BaseModel):
+    text: str = Field(max_length=1_000_000)
 
 
 class APIError(Exception):
@@ -180,6 +185,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
     @app.get("/")
     async def index():
         return FileResponse(ASSETS / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/api/info")
+    async def info():
+        d = engine.defaults
+        return {"model": model_name, "max_model_len": engine.max_length,
+                "default_max_tokens": engine.default_max_tokens(None, default_max_tokens or 512),
+                "sampling": {"temperature": d.temperature if d.do_sample else 0, "top_p": d.top_p, "top_k": d.top_k,
+                             "repetition_penalty": d.repetition_penalty}}
+
+    @app.post("/api/markdown")
+    async def markdown(body: MarkdownRequest):
+        return {"html": render_markdown(body.text)}
 
     @app.get("/assets/{name}")
     async def asset(name: str):
