@@ -143,9 +143,10 @@ def run_program(program: str, limits: Limits = Limits()) -> Verdict:
     """Execute ``program`` (a complete Python source) contained; passed = exit status 0 within the limits."""
     uid = contained_uid()
     work = Path(tempfile.mkdtemp(prefix="b2-sandbox-"))
+    logs = Path(tempfile.mkdtemp(prefix="b2-sandbox-logs-"))  # ours, out of the program's reach
     try:
         (work / "program.py").write_text(program, encoding="utf-8")
-        out_path, err_path = work / "stdout", work / "stderr"
+        out_path, err_path = logs / "stdout", logs / "stderr"
         if uid is not None:
             for p in (work, work / "program.py"):
                 os.chown(p, uid, uid)
@@ -187,6 +188,7 @@ def run_program(program: str, limits: Limits = Limits()) -> Verdict:
         return Verdict("failed", f"sandbox error: {e}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def run_programs(programs: list[str], limits: Limits = Limits(), workers: int = 0) -> list[Verdict]:
