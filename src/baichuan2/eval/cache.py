@@ -41,7 +41,10 @@ class ItemCache:
 
     def add(self, records: list[dict]) -> None:
         if self._fh is None:
+            torn = self.file.exists() and self.file.stat().st_size > 0 and not self.file.read_bytes().endswith(b"\n")
             self._fh = open(self.file, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            if torn:  # a line cut by a crash: end it, so the next record starts on a line of its own
+                self._fh.write("\n")
         for r in records:
             self.done[self.key(r)] = r
             self._fh.write(json.dumps(r, ensure_ascii=False) + "\n")
