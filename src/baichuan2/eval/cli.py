@@ -195,12 +195,40 @@ def ppl(checkpoint: str, inputs: str | list[str], text_field: str = "text", wind
     print(json.dumps(res, indent=2))
 
 
+def checkpoints(checkpoints: str | list[str], out_dir: str = "runs/eval/checkpoints", bench_dir: str | None = None,
+                benchmarks: list[str] | None = None, heldout: str | list[str] | None = None,
+                settings: MCArgs = MCArgs(), ppl_max_tokens: int = 20_000, dtype: str = "auto",
+                device: str = "auto") -> None:
+    """Evaluate every released checkpoint of a run (Baichuan 2 Figure 7): table + plot vs training tokens.
+
+    Args:
+        checkpoints: A pretraining run directory (its release/*, ordered by release.json tokens) or
+            checkpoint directories (a list or comma-separated).
+        out_dir: checkpoints.json, checkpoints.md, checkpoints.png and per-release benchmark caches.
+        bench_dir: Directory holding MC benchmarks in their published layouts (e.g. ../shared/data/bench);
+            every one present is used unless BENCHMARKS names some.
+        benchmarks: Subset of ceval, cmmlu, mmlu, gaokao, agieval.
+        heldout: Held-out text/JSONL/parquet files or directories for perplexity (e.g. a pipeline's split/val).
+        settings: MC shots, mode, per-subject limit, batch size, BOS.
+        ppl_max_tokens: Held-out tokens scored per checkpoint (0 = all).
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.checkpoints import evaluate_checkpoints, format_table
+
+    table = evaluate_checkpoints(checkpoints, out_dir, bench_dir, benchmarks, heldout, settings, ppl_max_tokens,
+                                 dtype, device)
+    print(format_table(table))
+    print(f"plot: {Path(out_dir) / 'checkpoints.png'}")
+
+
 def compare(results: str, reference: str = "baichuan2-7b-base") -> None:
     """Compare our results.json files with the Baichuan 2 paper's table or another run.
 
     Args:
         results: An eval output directory (its */results.json are read) or comma-separated results.json files.
-        reference: baichuan2-7b-base | baichuan2-13b-base, or a JSON file {"cmmlu": 57.07, ...}.
+        reference: baichuan2-7b-base | baichuan2-13b-base (Tables 1 and 6: MC, BBH, GSM8K, HumanEval, MATH,
+            MBPP), or a JSON file {"cmmlu": 57.07, ...}.
     """
     from baichuan2.eval.harness import compare as table
 
@@ -264,4 +292,4 @@ def safety(checkpoint: str, safetybench: str = "", redteam: str | list[str] | No
 
 
 COMMANDS = {"mc": mc, "bbh": bbh, "gsm8k": gsm8k, "math": math, "humaneval": humaneval, "mbpp": mbpp, "ppl": ppl,
-            "compare": compare, "safety": safety}
+            "checkpoints": checkpoints, "compare": compare, "safety": safety}

@@ -25,12 +25,13 @@ from baichuan2.eval.scoring import continuation_logprobs, letter_logprobs
 from baichuan2.eval.tasks import ANSWER_SEPARATOR, LETTERS, Benchmark, Item, Subject
 from baichuan2.utils.io import atomic_write_json
 
-# Baichuan 2 technical report / README, base models (C-Eval, MMLU, CMMLU, Gaokao, AGIEval 5-shot; BBH 3-shot).
+# Baichuan 2 technical report Table 1 (= GitHub README; C-Eval, MMLU, CMMLU, Gaokao, AGIEval 5-shot; BBH 3-shot;
+# GSM8K 4-shot; HumanEval 0-shot pass@1) and Table 6 (MATH 4-shot, MBPP 3-shot), base models.
 PAPER = {
     "baichuan2-7b-base": {"ceval": 54.00, "mmlu": 54.16, "cmmlu": 57.07, "gaokao": 47.47, "agieval": 42.73,
-                          "bbh": 41.56},
+                          "bbh": 41.56, "gsm8k": 24.49, "humaneval": 18.29, "math": 5.58, "mbpp": 24.20},
     "baichuan2-13b-base": {"ceval": 58.10, "mmlu": 59.17, "cmmlu": 61.97, "gaokao": 54.33, "agieval": 48.17,
-                           "bbh": 48.78},
+                           "bbh": 48.78, "gsm8k": 52.77, "humaneval": 17.07, "math": 10.08, "mbpp": 30.20},
 }
 
 
