@@ -45,14 +45,15 @@ class CheckpointError(InputError):
 # config.json
 # ---------------------------------------------------------------------------------------
 
-def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16",
+                 tokenizer_class: str | None = "BaichuanTokenizer") -> dict[str, Any]:
+    """Our ``config.json``; ``tokenizer_class`` names the tokenizer the directory carries (None: omit)."""
     import transformers
 
-    return {
+    data = {
         "architectures": ["BaichuanForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
                      "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
-        "tokenizer_class": "BaichuanTokenizer",
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "gradient_checkpointing": False,
@@ -76,7 +77,11 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, A
         "position_embedding": cfg.position_embedding,
         "rope_theta": cfg.rope_theta,
         "z_loss_weight": cfg.z_loss_weight,
+        "norm_head": cfg.norm_head,  # official files lack it: they are NormHead models
     }
+    if tokenizer_class:
+        data["tokenizer_class"] = tokenizer_class
+    return data
 
 
 def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
@@ -99,6 +104,7 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
             rope_theta=data.get("rope_theta", 10000.0), rms_norm_eps=data.get("rms_norm_eps", 1e-6),
             initializer_range=data.get("initializer_range", 0.02),
             z_loss_weight=data.get("z_loss_weight", ModelConfig.z_loss_weight),
+            norm_head=data.get("norm_head", True),
             pad_token_id=data.get("pad_token_id", 0), bos_token_id=data.get("bos_token_id", 1),
             eos_token_id=data.get("eos_token_id", 2))
     except ValueError as e:
@@ -258,7 +264,6 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             atomic_write_json(tmp / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name))
         if generation_config is None:
             from baichuan2.model.generate import SamplingConfig
 
@@ -273,4 +278,24 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
             atomic_write_json(tmp / name, obj)
         for path in copy_files:
             shutil.copyfile(path, tmp / Path(path).name)
+        atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name, tokenizer_class_of(tmp)))
     return Path(directory)
+
+
+def tokenizer_class_of(directory: Path) -> str | None:
+    """The tokenizer class a model directory's ``config.json`` should name, judged by its tokenizer files:
+    what ``tokenizer_config.json`` says, else Baichuan's for a bare ``tokenizer.model`` (official layout)
+    or the generic fast class for a bare ``tokenizer.json``; None when there is no tokenizer."""
+    config = directory / "tokenizer_config.json"
+    if config.exists():
+        try:
+            name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            name = None
+        if name:
+            return name
+    if (directory / "tokenizer.model").exists():
+        return "BaichuanTokenizer"
+    if (directory / "tokenizer.json").exists():
+        return "PreTrainedTokenizerFast"
+    return None

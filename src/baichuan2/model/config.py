@@ -43,6 +43,10 @@ class ModelConfig:
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # Output head: Baichuan 2's NormHead (vocabulary rows L2-normalised in the forward pass) or,
+    # for weights converted from a Llama-family model, a plain linear head (its row norms carry
+    # information: SmolLM2's span 1.8-7.5, so normalising them would change every logit).
+    norm_head: bool = True
     # "sdpa": torch scaled_dot_product_attention (flash / memory-efficient kernels where
     # the inputs allow); "flex": torch FlexAttention with ALiBi as a score_mod and packed
     # documents as a block mask (never materialises an S x S bias; needs torch.compile).
@@ -72,6 +76,8 @@ class ModelConfig:
             problems.append(f"position_embedding must be 'rope' or 'alibi', got {self.position_embedding!r}")
         if self.attn_implementation not in ("sdpa", "flex"):
             problems.append(f"attn_implementation must be 'sdpa' or 'flex', got {self.attn_implementation!r}")
+        if not isinstance(self.norm_head, bool):
+            problems.append(f"norm_head must be true or false, got {self.norm_head!r}")
         if not (self.rms_norm_eps > 0):
             problems.append(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if self.z_loss_weight < 0:

@@ -60,18 +60,21 @@ class SamplingConfig:
 
     @classmethod
     def from_generation_config(cls, path: str | Path, **overrides) -> SamplingConfig:
-        """Read a Hugging Face ``generation_config.json`` (file or directory holding one)."""
+        """Read a Hugging Face ``generation_config.json`` (file or directory holding one).
+
+        HF semantics: ``eos_token_id`` may be a list (every id stops, e.g. ``<|im_end|>`` and
+        ``<|endoftext|>``) and a file without ``do_sample`` means greedy decoding."""
         path = Path(path)
         if path.is_dir():
             path = path / "generation_config.json"
         cfg = json.loads(path.read_text(encoding="utf-8"))
         stops = cfg.get("eos_token_id", 2)
-        stops = list(stops) if isinstance(stops, list) else [stops]
-        if "user_token_id" in cfg:
+        stops = [int(s) for s in stops] if isinstance(stops, list) else [] if stops is None else [int(stops)]
+        if cfg.get("user_token_id") is not None:
             stops.append(cfg["user_token_id"])
         values = dict(max_new_tokens=cfg.get("max_new_tokens", 256), temperature=cfg.get("temperature", 1.0),
                       top_k=cfg.get("top_k", 0) or 0, top_p=cfg.get("top_p", 1.0),
-                      repetition_penalty=cfg.get("repetition_penalty", 1.0), do_sample=cfg.get("do_sample", True),
+                      repetition_penalty=cfg.get("repetition_penalty", 1.0), do_sample=cfg.get("do_sample", False),
                       stop_token_ids=stops)
         values.update(overrides)
         return cls(**values)
@@ -227,6 +230,9 @@ def complete(checkpoint: str, prompt: str, max_new_tokens: int = 128, temperatur
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, do_sample=not greedy, seed=seed,
                          stop_token_ids=[model.config.eos_token_id])
+    if (Path(checkpoint) / "generation_config.json").exists():  # the checkpoint's eos ids (may be several)
+        stops = SamplingConfig.from_generation_config(checkpoint).stop_token_ids
+        cfg = dataclasses.replace(cfg, stop_token_ids=stops or cfg.stop_token_ids)
     ids = tok.encode(prompt)
     sys.stdout.write(prompt)
     text_so_far = ""

@@ -313,20 +313,23 @@ class NormHead(nn.Module):
     without bumping the version counter.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int):
+    def __init__(self, hidden_size: int, vocab_size: int, normalize: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self._cache: tuple[Any, torch.Tensor] | None = None
+        # False: a plain linear head (``config.norm_head=False``, weights converted from Llama models);
+        # it keeps this class's fused loss and decoding path, only the row normalisation is skipped.
+        self.normalize = normalize
 
     def normalized_weight(self) -> torch.Tensor:
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             self._cache = None
-            return F.normalize(w, dim=-1)
+            return F.normalize(w, dim=-1) if self.normalize else w
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._cache is None or self._cache[0] != key:
-            normalized = F.normalize(w.detach(), dim=-1)
+            normalized = F.normalize(w.detach(), dim=-1) if self.normalize else w.detach()
             if normalized.device.type == "cpu":  # column-major: faster matrix-vector products when decoding
                 normalized = normalized.t().contiguous().t()
             self._cache = (key, normalized)
@@ -425,13 +428,13 @@ class ModelOutput:
 
 
 class Baichuan(nn.Module):
-    """Baichuan 2 causal LM: ``model`` (trunk) + ``lm_head`` (NormHead)."""
+    """Baichuan 2 causal LM: ``model`` (trunk) + ``lm_head`` (NormHead, or plain when ``config.norm_head`` is false)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = BaichuanModel(config)
-        self.lm_head = NormHead(config.hidden_size, config.vocab_size)
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size, normalize=config.norm_head)
         self.init_weights()
 
     def init_weights(self) -> None:
