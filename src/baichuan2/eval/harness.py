@@ -122,9 +122,29 @@ def answer_ids(tok, prompt_text: str, answer: str) -> list[int]:
     return whole[common:]
 
 
+def letter_targets(tok, prompt_text: str, n: int, separator: str = "") -> tuple[list[int], list[int]]:
+    """``(shared, letter_ids)`` for scoring the first ``n`` answer letters after ``prompt_text`` by one next-token
+    distribution: ``shared`` are tokens every answer starts with (a byte-level BPE without a " A" token writes
+    " A" as "Ġ" + "A"), appended to the prompt; ``letter_ids`` the first token where the answers differ."""
+    answers = [answer_ids(tok, prompt_text, separator + letter) for letter in LETTERS[:n]]
+    shared: list[int] = []
+    for column in zip(*answers):
+        if len(set(column)) > 1:
+            break
+        shared.append(column[0])
+    k = len(shared)
+    if any(len(a) <= k for a in answers) or len({a[k] for a in answers}) < n:
+        raise ValueError("the answer letters do not start with distinct tokens under this tokenizer; "
+                         "use loglik scoring")
+    return shared, [a[k] for a in answers]
+
+
 def letter_token_ids(tok, n: int, prompt_text: str = "", separator: str = "") -> list[int]:
-    """The first token of each of the first ``n`` answer letters as it follows ``prompt_text``."""
-    return [answer_ids(tok, prompt_text, separator + letter)[0] for letter in LETTERS[:n]]
+    """The token that tells the first ``n`` answer letters apart right after ``prompt_text``."""
+    shared, ids = letter_targets(tok, prompt_text, n, separator)
+    if shared:
+        raise ValueError("the answer letters share leading tokens here; use letter_targets")
+    return ids
 
 
 def _score(model, tok, bench, subject: Subject, items: list[Item], args: MCArgs) -> list[dict]:
@@ -132,14 +152,18 @@ def _score(model, tok, bench, subject: Subject, items: list[Item], args: MCArgs)
     prefix = bos_prefix(tok, args.bos)
     sep = ANSWER_SEPARATOR.get(bench.name, "")
     if args.mode == "letter":
-        prompts = [build_prompt(tok, bench, subject, it, args.shots, limit, prefix) for it in items]
         # grouped by the letters' ids (AGIEval mixes 4 and 5 options; ids depend on how the prompt ends)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        prompts, rows = [], []
         for i, it in enumerate(items):
-            groups[tuple(letter_token_ids(tok, len(it.choices), prompts[i].text, sep))].append(i)
+            shared, letters = letter_targets(tok, bench.prompt(subject, [], it), len(it.choices), sep)
+            p = build_prompt(tok, bench, subject, it, args.shots, limit - len(shared), prefix)
+            prompts.append(p)
+            rows.append(p.ids + shared)
+            groups[tuple(letters)].append(i)
         scores: list[list[float]] = [[] for _ in items]
         for letters, idx in groups.items():
-            lp = letter_logprobs(model, [prompts[i].ids for i in idx], letters, args.batch_size)
+            lp = letter_logprobs(model, [rows[i] for i in idx], letters, args.batch_size)
             for row, i in zip(lp.tolist(), idx, strict=True):
                 scores[i] = row
     elif args.mode == "loglik":
