@@ -184,7 +184,7 @@ def run_program(program: str, limits: Limits = Limits()) -> Verdict:
             return Verdict("failed", f"killed by signal {-code} ({name}){why}" +
                            (f": {_reason(stderr)}" if _reason(stderr) else ""))
         return Verdict("failed", _reason(stderr) or f"exit status {code}")
-    except OSError as e:  # could not even start it (e.g. no usable interpreter): the sample fails, we go on
+    except (OSError, RuntimeError) as e:  # could not start it (e.g. no usable interpreter): the sample fails
         return Verdict("failed", f"sandbox error: {e}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
