@@ -34,11 +34,10 @@ from baichuan2.data.executor import make_executor
 from baichuan2.data.minhash import MinHasher, MinHashParams, band_keys, bucket_pairs, connected_components, \
     verify_pairs
 from baichuan2.data.quality import QualityArgs, check_quality
-from baichuan2.data.readers import read_records
+from baichuan2.data.readers import InputSpec, expand_inputs, read_records
 from baichuan2.data.safety import SafetyArgs, SafetyFilter
 from baichuan2.data.score import ScoreArgs, sampling_weights
 from baichuan2.data.text import detect_language, normalize, paragraph_spans, remove_spans, sentence_spans
-from baichuan2.tokenizer.corpus import InputSpec, expand_inputs
 from baichuan2.utils.io import InputError, atomic_open, atomic_write_json, read_json
 
 REJECT_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("step", pa.string()),
@@ -157,7 +156,8 @@ def stage1_task(recipe_d: dict, out: str, task: int, path: str, source: str) -> 
     counts, rejects = Counts(), []
     safety = SafetyFilter(recipe.safety)
     kept: dict[str, list] = {k: [] for k in ("doc_id", "source", "text", "lang", "quality")}
-    for rec in read_records(InputSpec(Path(path), source), recipe.text_field):
+    for rec in read_records(InputSpec(Path(path), source), recipe.text_field,
+                            max_bytes=4 * recipe.quality.max_chars):
         counts.seen("read", rec.source)
         if rec.reject:
             counts.removed("read", rec.source, rec.reject)
@@ -485,6 +485,9 @@ def prepare_out_dir(recipe: DataRecipe, overwrite: bool = False) -> Path:
         shutil.rmtree(out)
     for sub in ("work", "output", "rejects"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+        # A killed run can leave half-written temporaries of atomic writes; they are never read, so go.
+        for tmp in (out / sub).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     if not marker.exists():
         atomic_write_json(marker, {"fingerprint": fingerprint, "recipe": asdict(recipe)})
     return out
