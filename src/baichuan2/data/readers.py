@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from baichuan2.data.schema import CARRIED_COLUMNS
 from baichuan2.utils.io import InputError, open_binary
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -43,6 +44,7 @@ class Record:
     text: str
     reject: str | None = None  # "reason:detail" when the unit could not be read as a document
     weight: float = 1.0  # sampling weight carried by pipeline outputs (1 elsewhere)
+    lang: str | None = None  # language tag carried by pipeline outputs
 
 
 def expand_inputs(inputs: Sequence[str] | str) -> list[InputSpec]:
@@ -161,9 +163,10 @@ def _read_jsonl(fh, spec: InputSpec, text_field: str, max_bytes: int, offset: li
             yield Record(doc_id, spec.source, line[:MAX_SHOWN], f"missing_text_field:{text_field}")
             continue
         source = obj.get("source") if isinstance(obj.get("source"), str) and obj.get("source") else spec.source
-        weight = obj.get("weight", 1.0)
+        weight, lang = obj.get("weight", 1.0), obj.get("lang")
         yield Record(str(obj.get("doc_id") or doc_id), source, text,
-                     weight=float(weight) if isinstance(weight, (int, float)) else 1.0)
+                     weight=float(weight) if isinstance(weight, (int, float)) else 1.0,
+                     lang=lang if isinstance(lang, str) and lang else None)
 
 
 def _read_text(fh, spec: InputSpec, text_field: str, max_bytes: int, offset: list[int]) -> Iterator[Record]:
@@ -228,7 +231,7 @@ def _read_parquet(spec: InputSpec, text_field: str, max_bytes: int) -> Iterator[
         yield Record(f"{spec.path.name}:file", spec.source, "",
                      f"missing_text_field:{text_field} (columns: {sorted(names)})")
         return
-    columns = [c for c in (text_field, "source", "doc_id", "weight") if c in names]
+    columns = [c for c in (text_field, *CARRIED_COLUMNS) if c in names]
     row = 0
     try:
         for batch in pf.iter_batches(columns=columns, batch_size=4096):
@@ -238,20 +241,22 @@ def _read_parquet(spec: InputSpec, text_field: str, max_bytes: int) -> Iterator[
                     else f"{spec.path.name}:{row}"
                 source = str(data["source"][i]) if "source" in data and data["source"][i] else spec.source
                 weight = data["weight"][i] if "weight" in data and data["weight"][i] is not None else 1.0
+                lang = data["lang"][i] if "lang" in data else None
                 row += 1
                 if not isinstance(text, str):
                     yield Record(doc_id, source, "", f"missing_text_field:{text_field}")
                 elif max_bytes and len(text) > max_bytes:  # characters >= bytes / 4: surely too long
                     yield _too_long(doc_id, source, text[:MAX_SHOWN].encode(), max_bytes)
                 else:
-                    yield Record(doc_id, source, text, weight=float(weight))
+                    yield Record(doc_id, source, text, weight=float(weight), lang=lang or None)
     except Exception as e:  # noqa: BLE001 - a corrupt row group: keep what was read, reject the rest
         yield Record(f"{spec.path.name}:damaged", spec.source, str(spec.path),
                      f"damaged_file:{type(e).__name__}: {e} after row {row} of {spec.path}")
 
 
 def iter_file(spec: InputSpec, text_field: str = "text") -> Iterator[dict]:
-    """Strict reading: ``{"text", "source", "doc_id", "weight"}`` per document; a bad record is an
+    """Strict reading: ``{"text", "source", "doc_id", "weight", "lang"}`` per document (``lang`` None
+    unless the input carries a tag); a bad record is an
     ``InputError`` naming the file and place (null parquet cells are skipped)."""
     for rec in read_records(spec, text_field):
         if rec.reject:
@@ -259,7 +264,7 @@ def iter_file(spec: InputSpec, text_field: str = "text") -> Iterator[dict]:
                     and not rec.doc_id.endswith(":file"):
                 continue
             raise InputError(f"{spec.path} ({rec.doc_id}): {rec.reject}")
-        yield {"text": rec.text, "source": rec.source, "doc_id": rec.doc_id, "weight": rec.weight}
+        yield {"text": rec.text, "source": rec.source, "doc_id": rec.doc_id, "weight": rec.weight, "lang": rec.lang}
 
 
 def iter_documents(inputs: Sequence[str] | str, text_field: str = "text") -> Iterator[dict]:
