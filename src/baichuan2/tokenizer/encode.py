@@ -11,7 +11,6 @@ the main process reads input and keeps a bounded number of shards in flight.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import time
@@ -22,17 +21,10 @@ from pathlib import Path
 
 from baichuan2.tokenizer.corpus import expand_inputs, iter_documents
 from baichuan2.tokenizer.shards import INDEX_SUFFIX, TokenShard
+from baichuan2.utils.checksums import file_sha256
 from baichuan2.utils.io import InputError, atomic_write_json, read_json
 
 _worker_tok = None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _init_worker(model_file: str) -> None:
