@@ -3,10 +3,12 @@
 Documents are read in a fixed order and cut into shards of ``docs_per_shard``
 documents, so shard k always holds the same documents: a re-run skips every
 shard whose files are complete and re-encodes only the rest (a shard killed
-mid-write left only a temporary file, which is removed).  Worker processes
-encode and write shards (``shards.write_shard``: ``.bin`` first, index last);
-the main process reads input and keeps a bounded number of shards in flight.
-``manifest.json`` (tokenizer hash, totals per source) is written at the end.
+mid-write left only a temporary file, which is removed; a shard whose checksum
+no longer matches is encoded again).  Worker processes encode and write shards
+(``shards.write_shard``: ``.bin`` first, index last) and die with the main
+process (``utils.procs.die_with_parent``), which reads input and keeps a bounded
+number of shards in flight.  ``manifest.json`` (tokenizer hash, totals per
+source) is written at the end.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from baichuan2.utils.io import InputError, atomic_write_json, read_json
 _worker_tok = None
 
 
-def _init_worker(model_file: str) -> None:
+def _init_worker(model_file: str, parent_pid: int) -> None:
     global _worker_tok
     from baichuan2.tokenizer.tokenizer import Tokenizer
+    from baichuan2.utils.procs import die_with_parent
+
+    die_with_parent(parent_pid)  # after kill -9 of `tokenizer encode`, no worker keeps encoding and writing
 
     _worker_tok = Tokenizer(model_file)
 
@@ -66,7 +71,11 @@ def _complete(prefix: Path, expected_docs: int) -> bool:
     if not prefix.with_name(prefix.name + INDEX_SUFFIX).exists():
         return False
     try:
-        return len(TokenShard(prefix)) == expected_docs
+        shard = TokenShard(prefix)
+        if len(shard) != expected_docs:
+            return False
+        shard.verify()  # a damaged shard is encoded again
+        return True
     except InputError:
         return False
 
@@ -93,8 +102,9 @@ def encode_corpus(inputs: Sequence[str] | str, out_dir: str, tokenizer: str, tex
     if overwrite:
         for p in list(out.glob("shard-*")) + [out / "manifest.json"]:
             p.unlink(missing_ok=True)
-    for stale in out.glob(".shard-*.tmp"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
+    for pattern in (".shard-*.tmp", ".manifest.json.*.tmp", ".encode_plan.json.*.tmp"):
+        for stale in out.glob(pattern):  # temporary files (utils.io.atomic_open) of a run killed mid-write
+            stale.unlink(missing_ok=True)
     atomic_write_json(plan_path, plan)
 
     workers = workers or os.cpu_count() or 1
@@ -105,7 +115,7 @@ def encode_corpus(inputs: Sequence[str] | str, out_dir: str, tokenizer: str, tex
     progress = tqdm(desc="encoding", unit="doc", mininterval=0.5)
     ctx = mp.get_context("spawn")  # workers never inherit the parent's threads or locks
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(tok.model_file),)) as pool:
+                             initargs=(str(tok.model_file), os.getpid())) as pool:
         def drain(block_until: int) -> None:
             while len(pending) > block_until:
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
