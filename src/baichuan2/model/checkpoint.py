@@ -7,7 +7,9 @@ keys plus ``position_embedding``/``rope_theta``/``z_loss_weight``),
 ``pytorch_model.bin`` files (single or sharded) are read with
 ``torch.load(weights_only=True)``: never unpickled as code.  Directories are
 written under a temporary name and renamed into place, so a crash never
-leaves a half-written checkpoint behind.
+leaves a half-written checkpoint behind; each carries ``checksums.sha256``
+(utils/checksums.py), verified on load, and index entries may not point
+outside the directory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from baichuan2.model.config import ModelConfig
 from baichuan2.model.model import Baichuan
+from baichuan2.utils.checksums import ChecksumError, confined_path, verify_manifest, write_manifest
 from baichuan2.utils.io import InputError, atomic_directory, atomic_write_json
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -139,11 +142,17 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{index}: unreadable index ({e!r})") from None
             files = sorted(set(weight_map.values()))
-            absent = [f for f in files if not (d / f).exists()]
+            try:  # never follow an index out of the directory
+                paths = [confined_path(d, f, index) for f in files]
+            except ChecksumError as e:
+                raise CheckpointError(str(e)) from None
+            absent = [f for f, p in zip(files, paths) if not p.exists()]
             if absent:
                 raise CheckpointError(f"{index}: shard files missing from {d}: {absent}")
-            return [d / f for f in files]
+            return paths
         if (d / single).exists():
+            if not (d / single).resolve().is_relative_to(d.resolve()):
+                raise CheckpointError(f"{d / single}: a symlink to {(d / single).resolve()}, outside {d}")
             return [d / single]
     raise CheckpointError(f"{d}: no weights found (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
 
@@ -172,11 +181,21 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached", "future_mask")
 
 
-def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every weight of a checkpoint directory into one CPU state dict."""
+def load_state_dict(directory: str | os.PathLike, verify: bool | None = None) -> dict[str, torch.Tensor]:
+    """Read every weight of a checkpoint directory into one CPU state dict.
+
+    ``verify`` checks the weight files against the directory's ``checksums.sha256`` first (None: on
+    unless ``BAICHUAN2_VERIFY_CHECKSUMS=0``; see utils/checksums.py).  JSON files are listed in the
+    manifest but not enforced here: editing config.json by hand is a normal thing to do, and its
+    mistakes are loud (check_state_dict), unlike a flipped byte inside a tensor."""
+    files = weight_files(directory)
+    try:
+        verify_manifest(directory, verify, files=[p.relative_to(directory).as_posix() for p in files])
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
-    for path in weight_files(directory):
+    for path in files:
         for key, tensor in read_weight_file(path).items():
             if key.endswith(_IGNORED_SUFFIXES):
                 continue  # derived buffers some exporters store; recomputed here
@@ -209,12 +228,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", **config_overrides: Any) -> Baichuan:
-    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype."""
+                    device: str | torch.device = "cpu", verify: bool | None = None,
+                    **config_overrides: Any) -> Baichuan:
+    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype; ``verify``: see ``load_state_dict``."""
     cfg = read_config(directory)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
-    state = load_state_dict(directory)
+    state = load_state_dict(directory, verify)
     with torch.device("meta"):
         model = Baichuan(cfg)
     check_state_dict(state, model, str(directory))
@@ -279,6 +299,7 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
         for path in copy_files:
             shutil.copyfile(path, tmp / Path(path).name)
         atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name, tokenizer_class_of(tmp)))
+        write_manifest(tmp)  # sha256 of every file (config.json included), checked by load_state_dict
     return Path(directory)
 
 
