@@ -189,3 +189,13 @@ def test_index_entries_may_not_leave_the_directory(tmp_path, kind):
         expected = "refusing path"
     with pytest.raises(CheckpointError, match=expected):
         load_pretrained(directory, verify=False)
+
+
+def test_reward_model_value_head_is_checked(tmp_path):
+    from baichuan2.align.reward import HEAD_FILE, RewardModel
+
+    directory = RewardModel(tiny_model(), 0.0, 1.0).save(tmp_path / "rm")
+    head = directory / HEAD_FILE
+    _flip(head, head.stat().st_size - 1)
+    with pytest.raises(CheckpointError, match=rf"{HEAD_FILE}: checksum mismatch"):
+        RewardModel.load(directory)

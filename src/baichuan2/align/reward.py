@@ -92,6 +92,7 @@ class RewardModel(nn.Module):
         from safetensors.torch import load_file
 
         from baichuan2.model.checkpoint import CheckpointError, load_pretrained
+        from baichuan2.utils.checksums import ChecksumError, verify_manifest
 
         d = Path(directory)
         if not (d / HEAD_FILE).exists() or not (d / CONFIG_FILE).exists():
@@ -101,8 +102,9 @@ class RewardModel(nn.Module):
         rm = cls(load_pretrained(d, dtype=dtype, device=device), meta.get("score_mean", 0.0),
                  meta.get("score_std", 1.0))
         try:
+            verify_manifest(d, files=[HEAD_FILE])  # the body's weights were checked by load_pretrained
             weight = load_file(str(d / HEAD_FILE))["weight"]
-        except (SafetensorError, KeyError, OSError) as e:
+        except (SafetensorError, KeyError, OSError, ChecksumError) as e:
             raise CheckpointError(f"{d / HEAD_FILE}: unreadable value head ({e})") from None
         if weight.shape != rm.head.weight.shape:
             raise CheckpointError(f"{d / HEAD_FILE}: head shape {tuple(weight.shape)} does not match hidden size "

@@ -48,8 +48,6 @@ def run(inputs: str | list[str], out_dir: str = "runs/data", text_field: str = "
 
     if executor not in ("local", "ray"):
         raise SystemExit(f"data run: unknown executor {executor!r}; allowed: 'local' or 'ray'")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise SystemExit(f"data run: workers must be a positive integer, got {workers!r}")
     recipe = DataRecipe(inputs=as_paths(inputs), out_dir=out_dir,
                         text_field=text_field, workers=workers, executor=executor, ray_address=ray_address,
                         language=language, quality=quality, safety=safety, exact=exact, minhash=minhash,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from baichuan2.utils.io import InputError
 
@@ -151,8 +151,9 @@ def _check_keys(data: dict[str, Any], what: str) -> None:
 def _type_problems(cfg: ModelConfig) -> list[str]:
     """Fields whose value does not have the declared type (ints may stand for floats; bools are not ints)."""
     problems = []
+    hints = get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        value, kind = getattr(cfg, f.name), f.type if not isinstance(f.type, str) else eval(f.type, globals())
+        value, kind = getattr(cfg, f.name), hints[f.name]
         if get_origin(kind) is Literal:
             ok = value in get_args(kind)
             expected = " or ".join(map(repr, get_args(kind)))

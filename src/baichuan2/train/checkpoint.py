@@ -55,7 +55,8 @@ def save_training_state(run_dir: str | os.PathLike, step: int, model: torch.nn.M
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob("step-*.tmp"):  # this one, and any left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(distributed)
     model_sd, optim_sd = get_state_dict(model, optimizer)
