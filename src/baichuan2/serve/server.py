@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +51,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(default=None, max_length=16)
     stream: bool = False
     n: Literal[1] = 1  # one completion per request
+    ignore_eos: bool = False  # extension (as vLLM): generate max_tokens whatever the model says (benchmarks)
 
 
 class ChatRequest(_Sampling):
@@ -115,6 +117,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                                   repetition_penalty=req.repetition_penalty, seed=req.seed)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        if req.ignore_eos:
+            cfg = replace(cfg, stop_token_ids=[])
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return cfg, stops
 
