@@ -294,7 +294,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
             max_seqs x context length).
         prefill_chunk: Prompt tokens computed per scheduler iteration.
         prefix_cache_tokens: Prompt-prefix tokens kept for reuse (0 = off).
-        threads: torch intra-op threads (0 = torch's default, one per physical core).
+        threads: torch intra-op threads (0 = one per physical core, less one for the server's own threads).
         shutdown_deadline: Seconds active streams get to finish after SIGTERM.
     """
     import logging
@@ -303,8 +303,10 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
     import torch
     import uvicorn
 
-    if threads:
-        torch.set_num_threads(threads)
+    # One intra-op thread fewer than torch's default (one per physical core): the event loop and the
+    # scheduler need a core too, and an OpenMP team with a descheduled member stalls every matmul at its
+    # barrier (measured on 2 shared cores: 2 threads 20-300x slower per matmul than 1 under load).
+    torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     engine = Engine(checkpoint, dtype=dtype, device=device, max_seqs=max_seqs, max_queue=max_queue,
                     kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk,
