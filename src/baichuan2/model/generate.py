@@ -161,14 +161,16 @@ def column_major_weights(model: torch.nn.Module) -> None:
     At batch-1 decoding each matmul is a matrix-vector product; CPU BLAS reads an
     ``[in, out]``-contiguous matrix markedly faster than the ``[out, in]`` rows
     PyTorch uses by default (measured ~1.4x per matmul here), and training
-    matmuls are equally fast either way.  State dicts are unaffected (checkpoints
-    are written contiguous).  Sharded/DTensor weights are left alone.  Idempotent.
+    matmuls are equally fast either way.  Only fp32: bf16 matmuls (AVX512-BF16/AMX
+    kernels) are faster with the default layout (measured 1.1-1.5x at batch 1-64).
+    State dicts are unaffected (checkpoints are written contiguous).
+    Sharded/DTensor weights are left alone.  Idempotent.
     """
     with torch.inference_mode(False), torch.no_grad():  # param data must stay usable by autograd
         for module in model.modules():
             w = getattr(module, "weight", None)
             if (isinstance(module, torch.nn.Linear) and type(w) is torch.nn.Parameter and w.dim() == 2
-                    and w.is_contiguous() and w.device.type == "cpu"):
+                    and w.is_contiguous() and w.device.type == "cpu" and w.dtype == torch.float32):
                 w.data = w.data.t().contiguous().t()
 
 

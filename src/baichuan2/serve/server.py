@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +51,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(default=None, max_length=16)
     stream: bool = False
     n: Literal[1] = 1  # one completion per request
+    ignore_eos: bool = False  # extension (as vLLM): generate max_tokens whatever the model says (benchmarks)
 
 
 class ChatRequest(_Sampling):
@@ -115,6 +117,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                                   repetition_penalty=req.repetition_penalty, seed=req.seed)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        if req.ignore_eos:
+            cfg = replace(cfg, stop_token_ids=[])
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return cfg, stops
 
@@ -290,7 +294,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
             max_seqs x context length).
         prefill_chunk: Prompt tokens computed per scheduler iteration.
         prefix_cache_tokens: Prompt-prefix tokens kept for reuse (0 = off).
-        threads: torch intra-op threads (0 = torch's default, one per physical core).
+        threads: torch intra-op threads (0 = one per physical core, less one for the server's own threads).
         shutdown_deadline: Seconds active streams get to finish after SIGTERM.
     """
     import logging
@@ -299,8 +303,10 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
     import torch
     import uvicorn
 
-    if threads:
-        torch.set_num_threads(threads)
+    # One intra-op thread fewer than torch's default (one per physical core): the event loop and the
+    # scheduler need a core too, and an OpenMP team with a descheduled member stalls every matmul at its
+    # barrier (measured on 2 shared cores: 2 threads 20-300x slower per matmul than 1 under load).
+    torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     engine = Engine(checkpoint, dtype=dtype, device=device, max_seqs=max_seqs, max_queue=max_queue,
                     kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk,
