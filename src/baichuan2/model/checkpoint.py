@@ -106,6 +106,10 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
+    return config_from_hf(read_config_json(directory), str(Path(directory) / "config.json"))
+
+
+def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json (not a model directory)")
@@ -115,7 +119,7 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return config_from_hf(data, str(path))
+    return data
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,18 +207,40 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", **config_overrides: Any) -> Baichuan:
-    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype."""
-    cfg = read_config(directory)
+                    device: str | torch.device = "cpu", quantize: str | None = None,
+                    **config_overrides: Any) -> Baichuan:
+    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype.
+
+    Weight-only quantized checkpoints (``config.json["quantization"]``, see
+    ``model/quant.py``) load as they are; ``quantize='int8'|'int4'`` quantizes a
+    full-precision checkpoint on load (defaults of ``QuantConfig``)."""
+    from baichuan2.model import quant
+
+    raw = read_config_json(directory)
+    cfg = config_from_hf(raw, str(Path(directory) / "config.json"))
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
+    try:
+        stored_quant = quant.read_quantization(raw, str(Path(directory) / "config.json"))
+        online_quant = quant.QuantConfig(method=quantize) if quantize else None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if stored_quant and online_quant:
+        raise CheckpointError(f"{directory}: already quantized ({stored_quant.method}); drop quantize={quantize!r}")
     state = load_state_dict(directory)
     with torch.device("meta"):
         model = Baichuan(cfg)
+    if stored_quant:
+        quant.quantized_skeleton(model, stored_quant)
     check_state_dict(state, model, str(directory))
     model.load_state_dict(state, assign=True, strict=True)
     if dtype != "auto":
         model = model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    if online_quant:
+        try:
+            quant.quantize_model(model, online_quant)
+        except ValueError as e:
+            raise CheckpointError(f"{directory}: {e}") from None
     return model.to(resolve_device(device))
 
 
@@ -234,7 +260,7 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    stored_dtype = next(iter(state.values())).dtype
+    stored_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[stored_dtype]
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -258,7 +284,10 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             atomic_write_json(tmp / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name))
+        config = config_to_hf(model.config, dtype_name)
+        if getattr(model, "quantization", None) is not None:  # weight-only quantized: see model/quant.py
+            config["quantization"] = model.quantization.to_json()
+        atomic_write_json(tmp / "config.json", config)
         if generation_config is None:
             from baichuan2.model.generate import SamplingConfig
 
