@@ -112,3 +112,54 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         main(["quantize", str(tmp_path / "q"), str(tmp_path / "q2")])
     with pytest.raises(CheckpointError, match="method must be"):
         load_pretrained(tmp_path / "fp", quantize="int3")
+
+
+def _bnb_4bit_checkpoint(model: Baichuan, directory, nested: bool) -> dict[str, torch.Tensor]:
+    """Save ``model`` the way Baichuan 2-*-Chat-4bits ship: every decoder Linear as a bitsandbytes
+    NF4 weight with its serialised quant state (made by bitsandbytes itself, on CPU); returns the
+    weights bitsandbytes dequantises them to."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from safetensors.torch import save_file
+
+    save_pretrained(model, directory, dtype=torch.bfloat16)
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    expected = {}
+    for key in [k for k in state if ".layers." in k and k.endswith("proj.weight") or "W_pack" in k]:
+        packed, qs = bnb.quantize_4bit(state[key], blocksize=64, quant_type="nf4", compress_statistics=nested)
+        expected[key] = bnb.dequantize_4bit(packed, qs)
+        state[key] = packed
+        state.update({f"{key}.{k}": v for k, v in qs.as_dict(packed=True).items()})
+    save_file(state, str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                     "bnb_4bit_use_double_quant": nested, "bnb_4bit_compute_dtype": "bfloat16"}
+    (directory / "config.json").write_text(json.dumps(config))
+    return expected
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_official_nf4_checkpoint_loads_with_bitsandbytes_exact_weights(tmp_path, nested):
+    model = tiny()
+    expected = _bnb_4bit_checkpoint(model, tmp_path / "4bits", nested)
+    assert len(expected) == 2 * 5
+    loaded = load_pretrained(tmp_path / "4bits")
+    state = loaded.state_dict()
+    for key, ref in expected.items():
+        assert state[key].dtype == ref.dtype and torch.equal(state[key], ref), key
+    # and straight on to our int4 kernels
+    ids = torch.randint(3, 512, (1, 10))
+    q = load_pretrained(tmp_path / "4bits", dtype="float32", quantize="int4")
+    with torch.no_grad():
+        ref_logits = loaded.float()(ids).logits
+        assert (q(ids).logits - ref_logits).abs().max() / ref_logits.abs().max() < 0.25
+
+
+def test_corrupt_nf4_state_is_one_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _bnb_4bit_checkpoint(tiny(), tmp_path / "4bits", nested=True)
+    state = load_file(str(tmp_path / "4bits" / "model.safetensors"))
+    del state["model.layers.0.mlp.up_proj.weight.absmax"]
+    save_file(state, str(tmp_path / "4bits" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="up_proj.weight: quant state lacks .*absmax"):
+        load_pretrained(tmp_path / "4bits")

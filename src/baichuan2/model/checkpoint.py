@@ -212,9 +212,10 @@ def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "au
     """Load a model directory.  ``dtype='auto'`` keeps the stored dtype.
 
     Weight-only quantized checkpoints (``config.json["quantization"]``, see
-    ``model/quant.py``) load as they are; ``quantize='int8'|'int4'`` quantizes a
-    full-precision checkpoint on load (defaults of ``QuantConfig``)."""
-    from baichuan2.model import quant
+    ``model/quant.py``) load as they are, bitsandbytes 4-bit ones (the official
+    Chat-4bits) are dequantised (``model/nf4.py``); ``quantize='int8'|'int4'``
+    quantizes a full-precision checkpoint on load (defaults of ``QuantConfig``)."""
+    from baichuan2.model import nf4, quant
 
     raw = read_config_json(directory)
     cfg = config_from_hf(raw, str(Path(directory) / "config.json"))
@@ -228,6 +229,11 @@ def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "au
     if stored_quant and online_quant:
         raise CheckpointError(f"{directory}: already quantized ({stored_quant.method}); drop quantize={quantize!r}")
     state = load_state_dict(directory)
+    if nf4.is_bnb_4bit(state):  # official Chat-4bits (bitsandbytes NF4): dequantise, bit-exact
+        try:
+            state = nf4.dequantize_state(state)
+        except nf4.NF4Error as e:
+            raise CheckpointError(f"{directory}: {e}") from None
     with torch.device("meta"):
         model = Baichuan(cfg)
     if stored_quant:
