@@ -31,6 +31,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("baichuan2.serve.server", "OpenAI-compatible HTTP server"),
     "generate": ("baichuan2.model.generate", "complete a prompt with a checkpoint"),
     "convert": ("baichuan2.model.convert", "convert checkpoints (Baichuan <-> Llama, .bin -> safetensors)"),
+    "quantize": ("baichuan2.model.quant", "weight-only int8/int4 quantized checkpoint (CPU int-weight kernels)"),
+    "export": ("baichuan2.export.gguf", "export a checkpoint as GGUF (f16/q8_0/q4_0) for llama.cpp / Ollama"),
     "pipeline": ("baichuan2.pipeline.run", "the whole Baichuan 2 recipe end to end on a bundled corpus"),
 }
 

@@ -115,6 +115,10 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
+    return config_from_hf(read_config_json(directory), str(Path(directory) / "config.json"))
+
+
+def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json (not a model directory)")
@@ -124,7 +128,7 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return config_from_hf(data, str(path))
+    return data
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,19 +232,46 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", verify: bool | None = None,
+                    device: str | torch.device = "cpu", verify: bool | None = None, quantize: str | None = None,
                     **config_overrides: Any) -> Baichuan:
-    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype; ``verify``: see ``load_state_dict``."""
-    cfg = read_config(directory)
+    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype; ``verify``: see ``load_state_dict``.
+
+    Weight-only quantized checkpoints (``config.json["quantization"]``, see
+    ``model/quant.py``) load as they are, bitsandbytes 4-bit ones (the official
+    Chat-4bits) are dequantised (``model/nf4.py``); ``quantize='int8'|'int4'``
+    quantizes a full-precision checkpoint on load (defaults of ``QuantConfig``)."""
+    from baichuan2.model import nf4, quant
+
+    raw = read_config_json(directory)
+    cfg = config_from_hf(raw, str(Path(directory) / "config.json"))
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
+    try:
+        stored_quant = quant.read_quantization(raw, str(Path(directory) / "config.json"))
+        online_quant = quant.QuantConfig(method=quantize) if quantize else None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if stored_quant and online_quant:
+        raise CheckpointError(f"{directory}: already quantized ({stored_quant.method}); drop quantize={quantize!r}")
     state = load_state_dict(directory, verify)
+    if nf4.is_bnb_4bit(state):  # official Chat-4bits (bitsandbytes NF4): dequantise, bit-exact
+        try:
+            state = nf4.dequantize_state(state)
+        except nf4.NF4Error as e:
+            raise CheckpointError(f"{directory}: {e}") from None
     with torch.device("meta"):
         model = Baichuan(cfg)
+    if stored_quant:
+        quant.quantized_skeleton(model, stored_quant)
     check_state_dict(state, model, str(directory))
     model.load_state_dict(state, assign=True, strict=True)
     if dtype != "auto":
         model = model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    if online_quant:
+        try:
+            quant.quantize_model(model, online_quant)
+        except ValueError as e:
+            raise CheckpointError(f"{directory}: {e}") from None
     return model.to(resolve_device(device))
 
 
@@ -260,7 +291,7 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    stored_dtype = next(iter(state.values())).dtype
+    stored_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[stored_dtype]
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -298,7 +329,10 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
             atomic_write_json(tmp / name, obj)
         for path in copy_files:
             shutil.copyfile(path, tmp / Path(path).name)
-        atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name, tokenizer_class_of(tmp)))
+        config = config_to_hf(model.config, dtype_name, tokenizer_class_of(tmp))
+        if getattr(model, "quantization", None) is not None:  # weight-only quantized: see model/quant.py
+            config["quantization"] = model.quantization.to_json()
+        atomic_write_json(tmp / "config.json", config)
         write_manifest(tmp)  # sha256 of every file (config.json included), checked by load_state_dict
     return Path(directory)
 

@@ -499,7 +499,7 @@ def generate(model: Baichuan, prompts: Sequence[Sequence[int]], cfg: SamplingCon
 
 def complete(checkpoint: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.3, top_k: int = 5,
              top_p: float = 0.85, repetition_penalty: float = 1.05, greedy: bool = False, seed: int | None = None,
-             dtype: str = "auto", device: str = "auto") -> None:
+             dtype: str = "auto", device: str = "auto", quantize: str | None = None) -> None:
     """Complete a raw text prompt (base-model style, no chat template) and stream it to stdout.
 
     Args:
@@ -514,11 +514,12 @@ def complete(checkpoint: str, prompt: str, max_new_tokens: int = 128, temperatur
         seed: random seed for reproducible sampling.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.model.checkpoint import load_pretrained
     from baichuan2.tokenizer import Tokenizer
 
-    model = load_pretrained(checkpoint, dtype=dtype, device=device).eval()
+    model = load_pretrained(checkpoint, dtype=dtype, device=device, quantize=quantize).eval()
     tok = Tokenizer.from_pretrained(checkpoint)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, do_sample=not greedy, seed=seed,
