@@ -219,6 +219,14 @@ def test_lm_eval_adapter_through_the_harness_interface(tiny):
     assert -rolling[0] == pytest.approx(res["nll_per_token"] * (res["tokens"] - 1), rel=0.2)
     outs = lm.generate_until([Instance("generate_until", {}, ("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 8}), 0)])
     assert isinstance(outs[0], str) and "\n" not in outs[0]
+    # requests are generated in batches; each gets what it would get alone
+    gen = [Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 6}), i)
+           for i, c in enumerate(["Q: hi\nA:", "Hello", "A longer question about cats?"])]
+    assert lm.generate_until(gen) == [lm.generate_until([g])[0] for g in gen]
+    # BOS follows the tokenizer config (false here, as for Baichuan 2) unless asked for
+    assert lm.tok_encode("Hello") == tok.encode("Hello") and lm.prefix_token_id == tok.eos_id
+    with_bos = Baichuan2LM(model=model, tokenizer=tok, add_bos_token="true")
+    assert with_bos.tok_encode("Hello") == [tok.bos_id] + tok.encode("Hello") and with_bos.prefix_token_id == tok.bos_id
     from lm_eval.api.registry import get_model
 
     assert get_model("baichuan2") is Baichuan2LM
