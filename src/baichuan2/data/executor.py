@@ -63,7 +63,9 @@ class LocalExecutor:
 
 
 def _init_worker(parent_pid: int) -> None:
-    die_with_parent(parent_pid)
+    from baichuan2.utils.procs import die_with_parent
+
+    die_with_parent(parent_pid)  # after kill -9 of `data run`, no worker keeps computing and writing
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
@@ -71,36 +73,6 @@ def _init_worker(parent_pid: int) -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
-
-    Without it a ``kill -9`` of ``data run`` leaves busy workers computing (and writing) for minutes.
-    The parent may already be gone before the call takes effect, hence the ``getppid`` check after it.
-    Elsewhere (macOS) a watchdog thread polls ``getppid`` instead.
-    """
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    else:
-        import threading
-        import time
-
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 class RayExecutor:
