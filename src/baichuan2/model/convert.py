@@ -199,7 +199,7 @@ def llama_model_config(data: dict, source: str) -> tuple[ModelConfig, int]:
                           num_attention_heads=heads, position_embedding="rope",
                           max_position_embeddings=data.get("max_position_embeddings", 4096), rope_theta=float(theta),
                           rms_norm_eps=data.get("rms_norm_eps", 1e-6), norm_head=False,
-                          pad_token_id=eos if pad is None else _first_id(pad, 0),
+                          pad_token_id=_first_id(pad, 0),  # only pads prompts; SmolLM2's is its eos
                           bos_token_id=_first_id(data.get("bos_token_id"), 1), eos_token_id=eos)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
