@@ -45,10 +45,17 @@ def md_escape(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", str(text))
 
 
+def plain(markdown_line: str) -> str:
+    """A headline for the terminal: without the emphasis and code marks."""
+    return re.sub(r"\\(.)", r"\1", markdown_line.replace("**", "").replace("`", ""))
+
+
 def fenced(text: str, info: str = "") -> str:
     """A code block that shows ``text`` verbatim; runs of blank lines are counted, not drawn, so
     a completion of 64 newlines is one readable line rather than a tall empty box."""
-    text = re.sub(r"\n{3,}", lambda m: f"\n⏎ × {len(m.group())} (newlines)\n", text.rstrip("\n"))
+    text = re.sub(r"\n(?:[ \t\r\f\v]*\n){3,}", lambda m: f"\n⏎ × {m.group().count(chr(10))} (newlines)\n",
+                  text)
+    text = text[:-1] if text.endswith("\n") else text
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{info}\n{text}\n{fence}"
@@ -148,7 +155,8 @@ def body(name: str, r: dict, out: Path) -> str:
     if name == "sample":
         return f"Greedy completion (prompt, then the model's continuation):\n\n{fenced(r.get('prompt', '') + r.get('completion', ''))}"
     if name == "sft":
-        rows = [f"| {md_escape(q)} | {md_escape(a).replace(chr(10), ' ⏎ ')} |" for q, a in r.get("answers", {}).items()]
+        rows = [f"| {md_escape(q)} | {md_escape(a).replace(chr(10), ' ⏎ ') if a.strip() else '*(empty answer)*'} |"
+                for q, a in r.get("answers", {}).items()]
         return "\n".join(["Greedy answers of the chat model:", "", "| question | answer |", "|---|---|", *rows, "",
                           f"Chat with it: `baichuan2 chat {r.get('checkpoint', '')}`"])
     return ""

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from baichuan2.pipeline.page import DESCRIPTIONS, headline, write_page
+from baichuan2.pipeline.page import DESCRIPTIONS, headline, plain, write_page
 from baichuan2.pipeline.scaling_cli import LadderArgs
 from baichuan2.utils.io import atomic_write_json, read_json
 
@@ -216,7 +216,8 @@ def stage_scaling(r: PipelineRecipe, out: Path) -> dict:
     return {**{k: s[k] for k in ("fit", "predicted_loss", "prediction_interval_5_95", "actual_loss", "relative_error",
                                  "loss_key")}, "rungs": rows,
             "figures": [{"path": "scaling/scaling_law.png", "title": "Scaling law",
-                         "caption": f"each rung's {s['loss_key'].replace('_', ' ')} against training compute; the fit, "
+                         "caption": f"each rung's {'held-out' if s['loss_key'] == 'val_loss' else 'training'} loss against "
+                                    "training compute; the fit, "
                                     "its bootstrap 5-95% band, and the main model's predicted and actual loss"}]}
 
 
@@ -332,7 +333,7 @@ def run_all(recipe: PipelineRecipe, until: str = "") -> dict:
         marker = out / "stages" / f"{name}.json"
         if marker.exists():
             stages[name] = read_json(marker)
-            print(f"[{name} {k}/{len(order)}] done earlier: {headline(name, stages[name])}", flush=True)
+            print(f"[{name} {k}/{len(order)}] done earlier: {plain(headline(name, stages[name]))}", flush=True)
             continue
         print(f"[{name} {k}/{len(order)}] {DESCRIPTIONS[name]}", flush=True)
         write_page(out, stages, order, running=name, total_seconds=time.time() - t0)
@@ -347,7 +348,7 @@ def run_all(recipe: PipelineRecipe, until: str = "") -> dict:
         result["seconds"] = round(time.time() - started, 1)
         atomic_write_json(marker, result)
         stages[name] = result
-        print(f"[{name} {k}/{len(order)}] finished in {result['seconds']} s: {headline(name, result)}", flush=True)
+        print(f"[{name} {k}/{len(order)}] finished in {result['seconds']} s: {plain(headline(name, result))}", flush=True)
         write_page(out, stages, order, total_seconds=time.time() - t0)
     print(f"pipeline: {len(stages)} stages done, {time.time() - t0:.0f} s in this session; open "
           f"{out / 'index.html'} or {out / 'summary.md'}")

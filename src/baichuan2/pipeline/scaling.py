@@ -211,10 +211,9 @@ def plot_scaling_law(path: str | Path, compute: Sequence[float], loss: Sequence[
     ax.set_ylabel(loss_name)
     ax.set_title("Scaling law L(C) = a·C^b + L∞, fitted on the ladder, extrapolated to the target")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # off the points
     path = Path(path)
     with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
