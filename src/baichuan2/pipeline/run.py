@@ -95,8 +95,8 @@ def stage_data(r: PipelineRecipe, out: Path) -> dict:
                         score=ScoreArgs(source_weights={"docs": 1.0, "code": 1.0, "dialog": 0.5, "zh": 1.5}))
     rep = run_pipeline(recipe)
     corpus = read_json(out / "stages" / "corpus.json")["sources"]
-    return {"input_docs": sum(v["docs"] for v in corpus.values()), "output_docs": rep["output_docs"], "minhash": {k: v for k, v in rep["minhash"].items()
-                                                           if k != "cluster_size_hist"},
+    return {"input_docs": sum(v["docs"] for v in corpus.values()), "output_docs": rep["output_docs"],
+            "minhash": {k: v for k, v in rep["minhash"].items() if k != "cluster_size_hist"},
             "semantic": rep["semantic"], "output_by_source": rep["output_by_source"],
             "figures": [{"path": "data/cluster_sizes.png", "title": "MinHash near-duplicate cluster sizes",
                          "caption": "clusters of each size (log scale); size 1 = no near duplicate"}]}
@@ -199,7 +199,8 @@ def stage_scaling(r: PipelineRecipe, out: Path) -> dict:
     results = []
     for i, rung in enumerate(rungs):
         run_dir = out / "scaling" / "rungs" / rung.name
-        if not (run_dir / "result.json").exists():
+        trained_now = not (run_dir / "result.json").exists()
+        if trained_now:
             left = _seconds_left(timing, [(x.tokens, x.flops / x.tokens) for x in rungs[i:]])
             eta = f"; about {left / 60:.1f} min left for the ladder" if left is not None else ""
             print(f"[scaling] rung {i + 1}/{len(rungs)}: {rung.name}, {rung.params:,} non-embedding parameters, "
@@ -207,7 +208,7 @@ def stage_scaling(r: PipelineRecipe, out: Path) -> dict:
         t0 = time.time()
         results.append(train_rung(_ladder_args(r, out), rung, str(out / "tokens"), run_dir,
                                   save_every=r.checkpoint_every, release_final=False))
-        if time.time() - t0 > 1:  # trained now (not read from an earlier session)
+        if trained_now:
             timing.append((rung.tokens, rung.flops / rung.tokens, time.time() - t0))
     print("[scaling] fitting L(C) and bootstrapping its prediction interval", flush=True)
     s = fit_results(results, target, out / "scaling", main, progress=True)
@@ -293,12 +294,23 @@ STAGES = [("corpus", stage_corpus), ("data", stage_data), ("tokenizer", stage_to
 def _silence_library_progress() -> None:
     """Loading a model prints a "Loading weights" bar per load (transformers/safetensors); the stages
     print their own progress. The environment variable reaches worker processes too."""
+    import logging
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # bitsandbytes (imported by peft) warns on every import that an optional kernel hub package is absent
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 def _resume_command(out: Path) -> str:
@@ -341,6 +353,7 @@ def run_all(recipe: PipelineRecipe, until: str = "") -> dict:
         try:
             result = fn(recipe, out) or {}
         except KeyboardInterrupt:
+            _close_progress_bars()  # else a bar redraws itself after the message at exit
             write_page(out, stages, order, running=name, interrupted=True, total_seconds=time.time() - t0)
             print(f"\npipeline: interrupted during {name}; finished stages and checkpoints are kept. "
                   f"To continue, run the same command: {_resume_command(out)}", file=sys.stderr, flush=True)
