@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sft": ("baichuan2.align.sft_cli", "supervised fine-tuning on chat data, assistant-only loss (full or LoRA)"),
     "rm": ("baichuan2.align.rm_cli", "train / evaluate a reward model (pairwise loss, per-category accuracy)"),
     "ppo": ("baichuan2.align.ppo_cli", "PPO against a reward model with Baichuan 2's settings"),
-    "eval": ("baichuan2.eval.cli", "benchmarks (C-Eval/CMMLU/MMLU/Gaokao/AGIEval 5-shot, BBH 3-shot), perplexity"),
+    "eval": ("baichuan2.eval.cli", "benchmarks (C-Eval/CMMLU/MMLU/Gaokao/AGIEval, BBH, GSM8K, MATH, HumanEval, MBPP), perplexity, checkpoints"),
     "chat": ("baichuan2.serve.chat", "interactive streaming chat in the terminal"),
     "serve": ("baichuan2.serve.server", "OpenAI-compatible HTTP server"),
     "generate": ("baichuan2.model.generate", "complete a prompt with a checkpoint"),

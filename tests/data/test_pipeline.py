@@ -8,6 +8,7 @@ import pytest
 
 from baichuan2.data.pipeline import DataRecipe, run_pipeline
 from baichuan2.data.embed import EmbedArgs, semdedup
+from baichuan2.data.language import LanguageArgs
 from baichuan2.utils.io import InputError
 from tests.data.conftest import SHARED_PARA
 
@@ -71,7 +72,7 @@ def test_output_feeds_the_tokenizer_encoder(known_corpus, tmp_path):
 def test_changed_recipe_refuses_to_mix_runs(known_corpus, tmp_path):
     run_pipeline(recipe(known_corpus, tmp_path / "run"), report=False)
     changed = recipe(known_corpus, tmp_path / "run")
-    changed.zh_threshold = 0.5
+    changed.language = LanguageArgs(keep=["en"])
     with pytest.raises(InputError, match="different recipe"):
         run_pipeline(changed)
     run_pipeline(changed, overwrite=True, report=False)

@@ -118,7 +118,7 @@ def test_continuation_scores_equal_a_hand_computation(tiny):
 def test_perplexity_equals_exp_mean_nll(tiny):
     model, tok = tiny
     text = "Hello, how are you today? I am fine, thank you."
-    res = perplexity(model, tok, [text])
+    res = perplexity(model, tok, [text], bos="true")
     ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
@@ -155,8 +155,9 @@ def test_evaluate_aggregates_and_resumes(tiny, tmp_path, mode):
         assert r["pred"] == "ABCD"[max(range(4), key=r["scores"].__getitem__)]
     if mode == "letter":
         s = bench.subjects["agronomy"]
-        ids = build_prompt(tok, bench, s, s.test[0], 5, model.config.max_position_embeddings)
-        direct = letter_logprobs(model, [ids], letter_token_ids(tok, 4))[0].tolist()
+        p = build_prompt(tok, bench, s, s.test[0], 5, model.config.max_position_embeddings)
+        assert items[0]["shots"] == p.shots and res["fewer_shots"] == sum(r["shots"] < 5 for r in items)
+        direct = letter_logprobs(model, [p.ids], letter_token_ids(tok, 4, p.text))[0].tolist()
         assert items[0]["scores"] == pytest.approx(direct, abs=1e-3)
     # Interrupted run: drop half the cached lines and cut one in the middle; only those are scored again.
     lines = (out / "items.jsonl").read_text().splitlines()
@@ -165,15 +166,23 @@ def test_evaluate_aggregates_and_resumes(tiny, tmp_path, mode):
     assert again["accuracy"] == res["accuracy"] and again["subjects"] == res["subjects"]
 
 
-def test_prompts_longer_than_the_context_drop_shots(tiny, tmp_path):
+def test_prompts_longer_than_the_context_drop_shots(tiny, tmp_path, capsys):
     model, tok = tiny
     _write_cmmlu(tmp_path / "cmmlu")
     bench = load_benchmark("cmmlu", str(tmp_path / "cmmlu"))
     s = bench.subjects["agronomy"]
-    full = build_prompt(tok, bench, s, s.test[0], 5, 10_000)
-    short = build_prompt(tok, bench, s, s.test[0], 5, len(full) - 1)
-    assert len(short) < len(full) and tok.decode(short[1:]).count("题目：") < 6
-    assert tok.decode(short[1:]).endswith("答案是：")
+    full = build_prompt(tok, bench, s, s.test[0], 5, 10_000, [tok.bos_id])
+    short = build_prompt(tok, bench, s, s.test[0], 5, len(full.ids) - 1, [tok.bos_id])
+    assert full.shots == 5 and short.shots < 5 and short.ids[0] == tok.bos_id
+    assert len(short.ids) < len(full.ids) and tok.decode(short.ids[1:]).count("题目：") == short.shots + 1
+    assert tok.decode(short.ids[1:]).endswith("答案是：")
+    # eval mc records the shots really used (here the 192-token context holds fewer than 5) and warns
+    res = evaluate_mc(model, tok, bench, MCArgs(shots=5), tmp_path / "out", progress=False)
+    items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    assert res["fewer_shots"] == sum(r["shots"] < 5 for r in items) > 0
+    assert res["subjects"]["agronomy"]["min_shots"] < 5 and res["mean_shots"] < 5
+    assert f"{res['fewer_shots']} of 12 questions got fewer than 5 shots" in capsys.readouterr().err
+    assert evaluate_mc(model, tok, bench, MCArgs(shots=0), tmp_path / "zero", progress=False)["fewer_shots"] == 0
 
 
 def test_bad_benchmark_directories_are_clear_errors(tmp_path):

@@ -87,3 +87,121 @@ def test_empty_prompt_is_an_error():
     model = Baichuan(ModelConfig.from_name("tiny-rope")).eval()
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], SamplingConfig(max_new_tokens=2))
+
+
+# ---------------------------------------------------------------------------------------
+# continuous batching
+# ---------------------------------------------------------------------------------------
+
+def _reference_greedy(model, prompt, n, stops=()):
+    """Greedy decoding by recomputing the whole sequence every step (no cache, no batching)."""
+    ids = list(prompt)
+    out = []
+    for _ in range(n):
+        nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        if nxt in stops:
+            break
+        out.append(nxt)
+        ids.append(nxt)
+    return out
+
+
+def _run(batcher, reqs, late=()):
+    """Step until done; ``late`` requests join after the first two steps (mid-flight admission)."""
+    for r in reqs:
+        batcher.add(r)
+    steps = 0
+    while batcher.has_work or late:
+        batcher.step()
+        steps += 1
+        if steps == 2:
+            for r in late:
+                batcher.add(r)
+            late = ()
+    return steps
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@torch.no_grad()
+def test_mixed_batch_greedy_equals_unbatched_and_seeded_rows_are_independent(pos):
+    from baichuan2.model.generate import Batcher, Request
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name(f"tiny-{pos}", max_position_embeddings=64)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 1, 12)]
+    greedy = [SamplingConfig(max_new_tokens=n, do_sample=False, stop_token_ids=[]) for n in (12, 5, 12, 9, 12, 7)]
+    ref = [_reference_greedy(model, p, c.max_new_tokens) for p, c in zip(prompts, greedy)]
+    stop = ref[2][4]  # row 2 stops on its 5th token; the others must not notice
+    greedy[2] = SamplingConfig(max_new_tokens=12, do_sample=False, stop_token_ids=[stop])
+    ref[2] = ref[2][: ref[2].index(stop)]
+    sampled = [SamplingConfig(max_new_tokens=10, temperature=t, top_k=k, top_p=p, repetition_penalty=rp, seed=s,
+                              stop_token_ids=[])
+               for t, k, p, rp, s in ((1.0, 0, 1.0, 1.0, 5), (0.7, 20, 0.9, 1.3, 6))]
+    solo = []
+    for cfg in sampled:
+        req = Request(prompts[1], cfg)
+        _run(Batcher(model, max_seqs=1), [req])
+        solo.append(req.tokens)
+    # 8 requests, 3 rows at most (so some wait for a free row), prompts prefilled 4 tokens per step
+    batcher = Batcher(model, max_seqs=3, prefill_chunk=4)
+    reqs = [Request(p, c) for p, c in zip(prompts, greedy)]
+    extra = [Request(prompts[1], c) for c in sampled]
+    _run(batcher, reqs[:4] + extra[:1], late=reqs[4:] + extra[1:])
+    assert [r.tokens for r in reqs] == ref
+    assert reqs[2].finish_reason == "stop" and reqs[0].finish_reason == "length"
+    assert [r.tokens for r in extra] == solo
+    assert batcher.reserved == 0 and batcher.kv_tokens_used == 0 and not batcher.running
+
+
+@torch.no_grad()
+def test_prefix_cache_hits_and_leaves_outputs_unchanged():
+    from baichuan2.model.generate import Batcher, Request
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name("tiny-alibi", max_position_embeddings=96)).eval()
+    g = torch.Generator().manual_seed(2)
+    system = torch.randint(3, 500, (40,), generator=g).tolist()  # a shared "system prompt"
+    prompts = [system + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 11, 3)]
+    cfg = SamplingConfig(max_new_tokens=8, do_sample=False, stop_token_ids=[])
+    plain = Batcher(model, max_seqs=2)
+    cached = Batcher(model, max_seqs=2, prefix_cache_tokens=1000)
+    want, got = [Request(p, cfg) for p in prompts], [Request(p, cfg) for p in prompts]
+    for b, reqs in ((plain, want), (cached, got)):
+        for r in reqs:  # one after another, so later prompts can reuse the first one's prefix
+            _run(b, [r])
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert [r.cached_tokens for r in got] == [0, 32, 32]  # 40 shared tokens -> two 16-token blocks
+    assert cached.prefix_cache.hits == 2
+    again = Request(prompts[0], cfg)  # the whole (block-aligned) prompt is cached now
+    _run(cached, [again])
+    assert again.cached_tokens == 32 and again.tokens == want[0].tokens
+
+
+@torch.no_grad()
+def test_cancel_budget_and_context_limit():
+    from baichuan2.model.generate import Batcher, Request
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name("tiny-rope", max_position_embeddings=32)).eval()
+    events = []
+    long = Request([5] * 10, SamplingConfig(max_new_tokens=100, do_sample=False, stop_token_ids=[]),
+                   emit=lambda t, f: events.append((t, f)))
+    # budget of 40 tokens: the 2nd request (10 + 30) must wait for the first (10 + 22 capped at 32) to leave
+    batcher = Batcher(model, max_seqs=4, kv_budget_tokens=40)
+    other = Request([6] * 10, SamplingConfig(max_new_tokens=30, do_sample=False, stop_token_ids=[]))
+    batcher.add(long)
+    batcher.add(other)
+    batcher.step()
+    assert len(batcher.waiting) == 1 and batcher.reserved == 32
+    for _ in range(3):
+        batcher.step()
+    long.cancelled = True
+    batcher.step()
+    assert long.finish_reason == "cancelled" and events[-1] == (None, "cancelled")
+    assert 1 <= len(long.tokens) <= 4 and not batcher.waiting
+    while batcher.has_work:
+        batcher.step()
+    assert other.finish_reason == "length" and len(other.tokens) == 32 - 10  # stopped at the context length
+    with pytest.raises(ValueError, match="context length"):
+        batcher.add(Request([1] * 32, SamplingConfig(max_new_tokens=1)))

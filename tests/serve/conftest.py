@@ -3,6 +3,7 @@ Chinese characters, so one character often spans several tokens — the case str
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -50,16 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(engine):
-    """The FastAPI app under a real uvicorn server on a free port; yields (base_url, api_key)."""
+@contextlib.contextmanager
+def running_server(app):
+    """``app`` under a real uvicorn server on a free port, in a thread; yields its base URL."""
     import uvicorn
 
-    from baichuan2.serve.server import create_app
-
-    key = "test-key"
     port = _free_port()
-    app = create_app(engine, "tiny", api_key=key, default_max_tokens=16)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -67,6 +64,18 @@ def server(engine):
     while not srv.started:
         assert time.time() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", key
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(engine):
+    """The FastAPI app under a real uvicorn server on a free port; yields (base_url, api_key)."""
+    from baichuan2.serve.server import create_app
+
+    key = "test-key"
+    with running_server(create_app(engine, "tiny", api_key=key, default_max_tokens=16)) as url:
+        yield url, key

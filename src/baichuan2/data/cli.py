@@ -6,6 +6,7 @@ import json
 
 from baichuan2.data.embed import EmbedArgs
 from baichuan2.data.exact import ExactArgs
+from baichuan2.data.language import LanguageArgs
 from baichuan2.data.minhash import MinHashParams
 from baichuan2.data.quality import QualityArgs
 from baichuan2.data.safety import SafetyArgs
@@ -14,13 +15,13 @@ from baichuan2.utils.io import InputError, as_paths
 
 
 def run(inputs: str | list[str], out_dir: str = "runs/data", text_field: str = "text", workers: int = 2,
-        executor: str = "local", ray_address: str | None = None, zh_threshold: float = 0.3,
+        executor: str = "local", ray_address: str | None = None, language: LanguageArgs = LanguageArgs(),
         quality: QualityArgs = QualityArgs(), safety: SafetyArgs = SafetyArgs(), exact: ExactArgs = ExactArgs(),
         minhash: MinHashParams = MinHashParams(), embed: EmbedArgs = EmbedArgs(), score: ScoreArgs = ScoreArgs(),
         overwrite: bool = False) -> None:
     """Clean, deduplicate, cluster and score a corpus into parquet shards for `baichuan2 tokenizer encode`.
 
-    Steps: read (bad lines -> rejects) -> normalise -> language id -> quality filter -> harmful-content
+    Steps: read (bad lines -> rejects) -> normalise -> language id (py3langid; recipe keep-list) -> quality filter -> harmful-content
     filter -> exact dedup of documents, paragraphs and sentences -> MinHash-LSH near-dup clusters ->
     embedding k-means + SemDeDup -> sampling weights. Writes out_dir/output/part-*.parquet (text, source,
     doc_id, cluster_id, dup_count, quality, weight, ...), out_dir/rejects/*.parquet (every removed
@@ -34,7 +35,7 @@ def run(inputs: str | list[str], out_dir: str = "runs/data", text_field: str = "
         workers: Worker processes (local) or CPUs of a local Ray cluster.
         executor: "local" or "ray" (pip install 'baichuan2[ray]').
         ray_address: Address of an existing Ray cluster ("auto", "ray://head:10001").
-        zh_threshold: Share of CJK characters among letters above which a document is Chinese.
+        language: Language identifier and the languages to keep (empty keep-list: all).
         quality: Heuristic quality thresholds (Gopher/C4 style).
         safety: Harmful-content term lists / classifier and safety up-sampling.
         exact: Exact dedup of documents, paragraphs and sentences.
@@ -45,16 +46,21 @@ def run(inputs: str | list[str], out_dir: str = "runs/data", text_field: str = "
     """
     from baichuan2.data.pipeline import DataRecipe, run_pipeline
 
+    if executor not in ("local", "ray"):
+        raise SystemExit(f"data run: unknown executor {executor!r}; allowed: 'local' or 'ray'")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise SystemExit(f"data run: workers must be a positive integer, got {workers!r}")
     recipe = DataRecipe(inputs=as_paths(inputs), out_dir=out_dir,
                         text_field=text_field, workers=workers, executor=executor, ray_address=ray_address,
-                        zh_threshold=zh_threshold, quality=quality, safety=safety, exact=exact, minhash=minhash,
+                        language=language, quality=quality, safety=safety, exact=exact, minhash=minhash,
                         embed=embed, score=score)
     try:
         report = run_pipeline(recipe, overwrite=overwrite)
     except InputError as e:
         raise SystemExit(f"data run: {e}") from None
     m = report["minhash"]
-    print(f"done: {report['output_docs']} documents kept; exact dups {m['exact_dups']}, near dups {m['near_dups']}, "
+    langs = ", ".join(f"{k} {v}" for k, v in list(report["output_by_language"].items())[:8])
+    print(f"done: {report['output_docs']} documents kept ({langs}); exact dups {m['exact_dups']}, near dups {m['near_dups']}, "
           f"semantic dups {report['semantic']['semantic_dups']}; report: {out_dir}/report.md")
 
 

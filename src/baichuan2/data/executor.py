@@ -52,7 +52,7 @@ class LocalExecutor:
             # spawn: workers start clean (no forked torch/BLAS thread state), one BLAS thread each.
             ctx = get_context("spawn")
             with ProcessPoolExecutor(min(self.workers, len(args_list)), mp_context=ctx,
-                                     initializer=_limit_threads) as pool:
+                                     initializer=_init_worker, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(fn, *args): i for i, args in enumerate(args_list)}
                 for fut in as_completed(futures):
                     results[futures[fut]] = fut.result()
@@ -62,7 +62,8 @@ class LocalExecutor:
         return results
 
 
-def _limit_threads() -> None:
+def _init_worker(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
@@ -70,6 +71,36 @@ def _limit_threads() -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Without it a ``kill -9`` of ``data run`` leaves busy workers computing (and writing) for minutes.
+    The parent may already be gone before the call takes effect, hence the ``getppid`` check after it.
+    Elsewhere (macOS) a watchdog thread polls ``getppid`` instead.
+    """
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 class RayExecutor:

@@ -1,18 +1,21 @@
-"""The data pipeline: per-shard steps, global dedup/clustering, scoring; resumable and executor-agnostic.
+"""The data pipeline: per-shard step lists, barriers for the global views, scoring; resumable and
+executor-agnostic.
 
-Stages (``work/`` holds intermediate files, each written atomically; a stage's task is skipped when its
-final file exists, so a killed run resumes where it stopped and produces the same result):
+    filter   per input file:  read -> normalize -> language -> quality -> safety -> exact hashes -> MinHash
+    clusters barrier:         exact-dedup index; LSH bands (one task per band group: bucket join, verify by
+                              estimated Jaccard); connected components -> near-dup clusters with one kept
+                              representative (best quality, then first); first occurrence of each paragraph
+                              and sentence
+    dedup    per input file:  drop duplicates -> cut duplicate spans
+    semantic per input file:  embeddings; barrier: spherical k-means + SemDeDup
+    weights  barrier:         sampling weights (source x quality x redundancy x density)
+    write    per input file:  drop semantic duplicates -> output/part-*.parquet
 
-1. per input file: read -> normalise -> language id -> quality filter -> safety filter -> exact-dedup
-   hashes (document, paragraphs, sentences) + MinHash signature;
-2. global: exact document dedup; LSH bands (one task per band: sort the band's keys, pair bucket members
-   with their anchor, verify by estimated Jaccard); connected components -> near-dup clusters, one kept
-   representative each (best quality, then first); first-occurrence resolution of paragraph/sentence spans;
-3. per input file: apply document removals and span cuts;
-4. per input file: dense embeddings; then global spherical k-means + SemDeDup;
-5. global: sampling weights; per input file: write ``output/part-*.parquet`` and the rejects.
-
-Every removed document or span goes to ``rejects/`` with the step, the reason and its cluster.
+Each per-file stage is a list of ``steps.Step`` objects run over batches of documents; each step keeps
+its own counts and reject rows.  Stages hand their results forward as typed values (``ShardResult``,
+``ClusterResult``, ``SemanticResult``); each task also writes its result as a marker file *after* its
+outputs, so a killed run skips finished tasks and produces the same result.  Every removed document or
+span goes to ``rejects/`` with the step, the reason and its cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,26 +31,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from baichuan2.data import schema
 from baichuan2.data.embed import EmbedArgs, Encoder, kmeans, semdedup
-from baichuan2.data.exact import ExactArgs, document_hashes, first_occurrence
+from baichuan2.data.exact import ExactArgs, first_occurrence
 from baichuan2.data.executor import make_executor
-from baichuan2.data.minhash import MinHasher, MinHashParams, band_keys, bucket_pairs, connected_components, \
-    verify_pairs
-from baichuan2.data.quality import QualityArgs, check_quality
-from baichuan2.data.readers import read_records
-from baichuan2.data.safety import SafetyArgs, SafetyFilter
+from baichuan2.data.language import LanguageArgs
+from baichuan2.data.minhash import MinHashParams, band_keys, bucket_pairs, connected_components, verify_pairs
+from baichuan2.data.quality import QualityArgs
+from baichuan2.data.readers import InputSpec, expand_inputs, read_records
+from baichuan2.data.safety import SafetyArgs
 from baichuan2.data.score import ScoreArgs, sampling_weights
-from baichuan2.data.text import detect_language, normalize, paragraph_spans, remove_spans, sentence_spans
-from baichuan2.tokenizer.corpus import InputSpec, expand_inputs
+from baichuan2.data.steps import (CutDuplicateSpans, Doc, DropDuplicates, ExactHashes, MinHashSignatures, Normalize,
+                                  QualityFilter, Read, SafetyCheck, SemanticDedup, Step, TagLanguage, merge_stats,
+                                  run_steps, stack_signatures, steps_rejects, steps_stats)
 from baichuan2.utils.io import InputError, atomic_open, atomic_write_json, read_json
 
-REJECT_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("step", pa.string()),
-                           ("reason", pa.string()), ("kind", pa.string()), ("cluster_id", pa.int64()),
-                           ("detail", pa.string()), ("text", pa.string())])
-OUTPUT_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("doc_id", pa.string()),
-                           ("cluster_id", pa.int64()), ("dup_count", pa.int64()), ("quality", pa.float64()),
-                           ("weight", pa.float64()), ("lang", pa.string()), ("semantic_cluster", pa.int64()),
-                           ("semantic_distance", pa.float64())])
+BATCH_DOCS = 1024  # documents per step batch: bounds a task's working memory, not its results
 
 
 @dataclass
@@ -61,7 +60,7 @@ class DataRecipe:
         workers: Local worker processes (or CPUs of a local Ray cluster).
         executor: "local" (processes) or "ray".
         ray_address: Ray cluster address ("auto", "ray://head:10001"); empty starts a local cluster.
-        zh_threshold: CJK share of letters above which a document is Chinese.
+        language: Language identification and which languages to keep.
         quality: Heuristic quality filter thresholds.
         safety: Harmful-content filter and safety up-sampling.
         exact: Exact document/paragraph/sentence dedup.
@@ -76,7 +75,7 @@ class DataRecipe:
     workers: int = 2
     executor: str = "local"
     ray_address: str | None = None
-    zh_threshold: float = 0.3
+    language: LanguageArgs = field(default_factory=LanguageArgs)
     quality: QualityArgs = field(default_factory=QualityArgs)
     safety: SafetyArgs = field(default_factory=SafetyArgs)
     exact: ExactArgs = field(default_factory=ExactArgs)
@@ -94,37 +93,79 @@ class DataRecipe:
     @classmethod
     def from_dict(cls, d: dict) -> DataRecipe:
         d = dict(d)
-        sub = {"quality": QualityArgs, "safety": SafetyArgs, "exact": ExactArgs, "minhash": MinHashParams,
-               "embed": EmbedArgs, "score": ScoreArgs}
+        sub = {"language": LanguageArgs, "quality": QualityArgs, "safety": SafetyArgs, "exact": ExactArgs,
+               "minhash": MinHashParams, "embed": EmbedArgs, "score": ScoreArgs}
         for k, typ in sub.items():
             if isinstance(d.get(k), dict):
                 d[k] = typ(**d[k])
         return cls(**d)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- layout
 
-class Counts:
-    """Per-step counts: documents in / removed per source, and removals per reason."""
+class Layout:
+    """Where a run keeps its files: ``work/<stage>[-<task>].<ext>``, ``rejects/<stage>-<task>.parquet``,
+    ``output/part-<task>.parquet``; ``work/<stage>[-<task>].done.json`` marks a finished task."""
 
-    def __init__(self):
-        self.data: dict = defaultdict(lambda: {"in": Counter(), "removed": Counter(), "reasons": Counter(),
-                                               "spans_removed": 0, "chars_removed": 0})
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
 
-    def seen(self, step: str, source: str, n: int = 1):
-        self.data[step]["in"][source] += n
+    def work(self, stage: str, task: int | None = None, ext: str = "parquet") -> Path:
+        return self.root / "work" / (f"{stage}.{ext}" if task is None else f"{stage}-{task:05d}.{ext}")
 
-    def removed(self, step: str, source: str, reason: str):
-        self.data[step]["removed"][source] += 1
-        self.data[step]["reasons"][reason.split(":")[0]] += 1
+    def rejects(self, stage: str, task: int) -> Path:
+        return self.root / "rejects" / f"{stage}-{task:05d}.parquet"
 
-    def span(self, step: str, reason: str, chars: int):
-        self.data[step]["spans_removed"] += 1
-        self.data[step]["chars_removed"] += chars
-        self.data[step]["reasons"][reason] += 1
+    def output(self, task: int) -> Path:
+        return self.root / "output" / f"part-{task:05d}.parquet"
 
-    def to_json(self) -> dict:
-        return {step: {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()} for step, d in self.data.items()}
+    def marker(self, stage: str, task: int | None = None) -> Path:
+        return self.work(stage, task, "done.json")
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+@dataclass
+class ShardResult:
+    """One per-file task: documents it passed on, its steps' counts, the language mix it saw."""
+
+    docs: int
+    steps: dict
+    languages: dict = field(default_factory=dict)
+
+
+@dataclass
+class ClusterResult:
+    docs: int
+    exact_dups: int
+    near_dups: int
+    clusters: int
+    dup_clusters: int
+    verified_edges: int
+    cluster_size_hist: dict
+
+
+@dataclass
+class SemanticResult:
+    docs: int
+    clusters: int
+    semantic_dups: int
+    enabled: bool
+
+
+def _done(marker: Path, cls):
+    """The result a finished task left in its marker, or None."""
+    if marker.exists():
+        d = read_json(marker)
+        if cls is ClusterResult:
+            d["cluster_size_hist"] = {int(k): v for k, v in d["cluster_size_hist"].items()}
+        return cls(**d)
+    return None
+
+
+def _finish(marker: Path, result):
+    atomic_write_json(marker, asdict(result))  # last: its existence marks the task done
+    return result
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
@@ -137,96 +178,64 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
-def _rejects_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
+def _write_rejects(path: Path, steps: list[Step]) -> None:
+    _write_table(path, pa.Table.from_pylist(steps_rejects(steps), schema=schema.REJECT_SCHEMA))
 
 
-def _reject(doc_id, source, step, reason, text, kind="document", cluster_id=None, detail=None) -> dict:
-    return {"doc_id": doc_id, "source": source, "step": step, "reason": reason, "kind": kind,
-            "cluster_id": cluster_id, "detail": detail, "text": text}
+# ---------------------------------------------------------------------------------------------- filter
+
+def filter_steps(recipe: DataRecipe) -> list[Step]:
+    return [Normalize(), TagLanguage(recipe.language), QualityFilter(recipe.quality), SafetyCheck(recipe.safety),
+            ExactHashes(recipe.exact), MinHashSignatures(recipe.minhash)]
 
 
-# ---------------------------------------------------------------------------------------------- stage 1
+def _batches(records, size: int):
+    batch = []
+    for rec in records:
+        batch.append(rec)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-def stage1_task(recipe_d: dict, out: str, task: int, path: str, source: str) -> dict:
-    work = Path(out) / "work"
-    final = work / f"s1-{task:05d}.parquet"
-    if final.exists():
-        return read_json(work / f"s1-{task:05d}.stats.json")
+
+def filter_task(recipe_d: dict, out: str, task: int, path: str, source: str) -> ShardResult:
+    layout = Layout(out)
+    if done := _done(layout.marker("filtered", task), ShardResult):
+        return done
     recipe = DataRecipe.from_dict(recipe_d)
-    counts, rejects = Counts(), []
-    safety = SafetyFilter(recipe.safety)
-    kept: dict[str, list] = {k: [] for k in ("doc_id", "source", "text", "lang", "quality")}
-    for rec in read_records(InputSpec(Path(path), source), recipe.text_field):
-        counts.seen("read", rec.source)
-        if rec.reject:
-            counts.removed("read", rec.source, rec.reject)
-            rejects.append(_reject(rec.doc_id, rec.source, "read", rec.reject, rec.text))
-            continue
-        text = normalize(rec.text)
-        lang = detect_language(text, recipe.zh_threshold)
-        counts.seen("quality", rec.source)
-        reason, quality = None, 1.0
-        if not text:
-            reason = "empty"
-        elif recipe.quality.enabled:
-            reason, quality, _ = check_quality(text, lang, rec.source, recipe.quality)
-        if reason:
-            counts.removed("quality", rec.source, reason)
-            rejects.append(_reject(rec.doc_id, rec.source, "quality", reason, text))
-            continue
-        kept["doc_id"].append(rec.doc_id)
-        kept["source"].append(rec.source)
-        kept["text"].append(text)
-        kept["lang"].append(lang)
-        kept["quality"].append(quality)
-    # Safety over the batch (a classifier hook scores lists of texts).
-    verdicts = safety.check(kept["text"]) if kept["text"] else []
-    keep_idx = []
-    for i, (reason, up) in enumerate(verdicts):
-        counts.seen("safety", kept["source"][i])
-        if reason:
-            counts.removed("safety", kept["source"][i], reason)
-            rejects.append(_reject(kept["doc_id"][i], kept["source"][i], "safety", reason, kept["text"][i]))
-        else:
-            keep_idx.append(i)
-    cols = {k: [v[i] for i in keep_idx] for k, v in kept.items()}
-    cols["upsample"] = [verdicts[i][1] for i in keep_idx]
-    hashes = [document_hashes(t, s, recipe.exact) for t, s in zip(cols["text"], cols["source"])]
-    cols["doc_hash"] = [h[0] for h in hashes]
-    cols["para_hashes"] = [h[1] for h in hashes]
-    cols["sent_hashes"] = [h[2] for h in hashes]
-    sig = MinHasher(recipe.minhash).signatures(cols["text"], cols["lang"]) if cols["text"] else \
-        np.zeros((0, recipe.minhash.num_perm), np.uint32)
-    table = pa.table({
-        "doc_id": pa.array(cols["doc_id"], pa.string()), "source": pa.array(cols["source"], pa.string()),
-        "text": pa.array(cols["text"], pa.string()), "lang": pa.array(cols["lang"], pa.string()),
-        "quality": pa.array(cols["quality"], pa.float64()), "upsample": pa.array(cols["upsample"], pa.bool_()),
-        "doc_hash": pa.array(cols["doc_hash"], pa.uint64()),
-        "para_hashes": pa.array(cols["para_hashes"], pa.list_(pa.uint64())),
-        "sent_hashes": pa.array(cols["sent_hashes"], pa.list_(pa.uint64())),
-    })
-    stats = counts.to_json()
-    _write_table(Path(out) / "rejects" / f"s1-{task:05d}.parquet", _rejects_table(rejects))
-    _write_npy(work / f"s1-{task:05d}.sig.npy", sig)
-    atomic_write_json(work / f"s1-{task:05d}.stats.json", stats)
-    _write_table(final, table)  # last: its existence marks the task done
-    return stats
+    read, steps = Read(), filter_steps(recipe)
+    kept: list[Doc] = []
+    # The reader's cap: a document of more than 4 bytes per allowed character cannot pass the quality filter.
+    records = read_records(InputSpec(Path(path), source), recipe.text_field, max_bytes=4 * recipe.quality.max_chars)
+    for batch in _batches(records, BATCH_DOCS):
+        kept += run_steps(steps, read.records(batch))
+    cols = {name: [getattr(d, name) for d in kept] for name in ("doc_id", "source", "text", "lang", "quality",
+                                                                "upsample")}
+    for name in ("doc_hash", "para_hashes", "sent_hashes"):
+        cols[name] = [d.meta[name] for d in kept]
+    _write_rejects(layout.rejects("filter", task), [read, *steps])
+    _write_npy(layout.work("signatures", task, "npy"), stack_signatures(kept, recipe.minhash.num_perm))
+    _write_table(layout.work("filtered", task), pa.table(cols, schema=schema.FILTERED_SCHEMA))
+    language = next(s for s in steps if isinstance(s, TagLanguage))
+    return _finish(layout.marker("filtered", task),
+                   ShardResult(len(kept), steps_stats([read, *steps]), dict(language.mix)))
 
 
-# ---------------------------------------------------------------------------------------------- stage 2
+# ---------------------------------------------------------------------------------------------- clusters
 
-def _load_signatures(out: str, tasks: int) -> np.ndarray:
-    sigs = [np.load(Path(out) / "work" / f"s1-{t:05d}.sig.npy", mmap_mode="r") for t in range(tasks)]
+def _load_signatures(layout: Layout, tasks: int) -> np.ndarray:
+    sigs = [np.load(layout.work("signatures", t, "npy"), mmap_mode="r") for t in range(tasks)]
     return np.concatenate(sigs) if sigs else np.zeros((0, 0), np.uint32)
 
 
 def band_task(recipe_d: dict, out: str, tasks: int, bands: list[int]) -> np.ndarray:
     """Verified candidate edges (global ids) from the given LSH bands."""
     params = DataRecipe.from_dict(recipe_d).minhash
-    sig = _load_signatures(out, tasks)
-    active = np.load(Path(out) / "work" / "s2-active.npy")
-    ids = np.flatnonzero(active)
+    layout = Layout(out)
+    sig = _load_signatures(layout, tasks)
+    ids = np.flatnonzero(np.load(layout.work("unique", ext="npy")))  # exact duplicates already joined
     keys = band_keys(np.asarray(sig[ids]), params)
     edges = [bucket_pairs(keys[:, b], ids) for b in bands]
     edges = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
@@ -245,13 +254,41 @@ def _span_first(lists: list[list[int]], doc_g: np.ndarray) -> tuple[np.ndarray, 
     return g, idx, h, first_occurrence(h, g * (1 << 24) + idx)
 
 
-def stage2(recipe: DataRecipe, out: str, tasks: int, executor) -> dict:
-    work = Path(out) / "work"
-    final = work / "s2-assign.parquet"
-    if final.exists():
-        return read_json(work / "s2.stats.json")
-    tables = [pq.read_table(work / f"s1-{t:05d}.parquet", columns=["source", "quality", "doc_hash", "para_hashes",
-                                                                   "sent_hashes"]) for t in range(tasks)]
+def _representatives(labels: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    """Each document's cluster representative: best quality, then earliest."""
+    n = len(labels)
+    if not n:
+        return np.zeros(0, np.int64)
+    g = np.arange(n)
+    order = np.lexsort((g, -quality, labels))
+    first = np.concatenate([[True], labels[order][1:] != labels[order][:-1]])
+    rep_of_label = dict(zip(labels[order][first].tolist(), order[first].tolist()))
+    return np.array([rep_of_label[x] for x in labels.tolist()], dtype=np.int64)
+
+
+def _span_drops(tables: list[pa.Table], kept: np.ndarray, unit: str) -> dict[str, pa.Array]:
+    """Paragraphs/sentences of kept documents that occurred earlier in the corpus: index and owner per doc."""
+    n = len(kept)
+    lists = [x for t in tables for x in t[f"{unit}_hashes"].to_pylist()]
+    lists = [x if k else [] for x, k in zip(lists, kept)]
+    sg, sidx, sh, first_span = _span_first(lists, np.arange(n, dtype=np.int64))
+    drop = (first_span != np.arange(len(sg))) & (sh != 0)
+    owner = sg[first_span]
+    per_doc_idx: list[list[int]] = [[] for _ in range(n)]
+    per_doc_owner: list[list[int]] = [[] for _ in range(n)]
+    for d, i, o in zip(sg[drop].tolist(), sidx[drop].tolist(), owner[drop].tolist()):
+        per_doc_idx[d].append(i)
+        per_doc_owner[d].append(o)
+    return {f"drop_{unit}": pa.array(per_doc_idx, pa.list_(pa.int32())),
+            f"drop_{unit}_owner": pa.array(per_doc_owner, pa.list_(pa.int64()))}
+
+
+def cluster_duplicates(recipe: DataRecipe, layout: Layout, tasks: int, executor) -> ClusterResult:
+    """Barrier: the global exact-dedup index, the LSH bucket join and the span first-occurrence index."""
+    if done := _done(layout.marker("clusters"), ClusterResult):
+        return done
+    tables = [pq.read_table(layout.work("filtered", t), columns=["quality", "doc_hash", "para_hashes", "sent_hashes"])
+              for t in range(tasks)]
     task_of = np.concatenate([np.full(len(t), i) for i, t in enumerate(tables)] or [np.zeros(0, np.int64)])
     row_of = np.concatenate([np.arange(len(t)) for t in tables] or [np.zeros(0, np.int64)])
     n = len(task_of)
@@ -260,152 +297,99 @@ def stage2(recipe: DataRecipe, out: str, tasks: int, executor) -> dict:
     doc_hash = np.concatenate([t["doc_hash"].to_numpy() for t in tables] or [np.zeros(0, np.uint64)])
     first = first_occurrence(doc_hash, g) if recipe.exact.documents else g
     exact_dup = first != g
-    _write_npy(work / "s2-active.npy", ~exact_dup)
+    _write_npy(layout.work("unique", ext="npy"), ~exact_dup)
     edges = [np.stack([g[exact_dup], first[exact_dup]], axis=1)]
     if recipe.minhash.enabled:
-        groups = [list(range(b, recipe.minhash.bands, max(1, min(recipe.workers, recipe.minhash.bands))))
-                  for b in range(max(1, min(recipe.workers, recipe.minhash.bands)))]
+        n_groups = max(1, min(recipe.workers, recipe.minhash.bands))
+        groups = [list(range(b, recipe.minhash.bands, n_groups)) for b in range(n_groups)]
         recipe_d = asdict(recipe)
-        edges += executor.map(band_task, [(recipe_d, out, tasks, grp) for grp in groups], desc="lsh bands")
+        edges += executor.map(band_task, [(recipe_d, str(layout.root), tasks, grp) for grp in groups], desc="lsh bands")
     edges = np.concatenate(edges) if n else np.zeros((0, 2), np.int64)
-    labels = connected_components(n, edges)
-    # Representative of each cluster: best quality, then earliest; everyone else is removed.
-    order = np.lexsort((g, -quality, labels))
-    new = np.concatenate([[True], labels[order][1:] != labels[order][:-1]]) if n else np.zeros(0, bool)
-    rep_of_label = {}
-    for pos in np.flatnonzero(new):
-        rep_of_label[labels[order][pos]] = order[pos]
-    rep = np.array([rep_of_label[x] for x in labels], dtype=np.int64) if n else np.zeros(0, np.int64)
+    rep = _representatives(connected_components(n, edges), quality)
     sizes = np.bincount(rep, minlength=n) if n else np.zeros(0, np.int64)
-    dup_count = sizes[rep]
     removed = rep != g
     reason = np.where(removed, np.where(exact_dup, "exact_dup", "near_dup"), "")
-    # Spans: first occurrence among the kept documents, in corpus order.
-    kept = ~removed
-    span_cols = {}
-    for name in ("para", "sent"):
-        lists = [x for t in tables for x in t[f"{name}_hashes"].to_pylist()]
-        lists = [x if k else [] for x, k in zip(lists, kept)]
-        sg, sidx, sh, first_span = _span_first(lists, g)
-        drop = (first_span != np.arange(len(sg))) & (sh != 0)
-        owner = sg[first_span]
-        per_doc_idx: list[list[int]] = [[] for _ in range(n)]
-        per_doc_owner: list[list[int]] = [[] for _ in range(n)]
-        for d, i, o in zip(sg[drop].tolist(), sidx[drop].tolist(), owner[drop].tolist()):
-            per_doc_idx[d].append(i)
-            per_doc_owner[d].append(o)
-        span_cols[f"drop_{name}"] = pa.array(per_doc_idx, pa.list_(pa.int32()))
-        span_cols[f"drop_{name}_owner"] = pa.array(per_doc_owner, pa.list_(pa.int64()))
-    table = pa.table({"task": pa.array(task_of, pa.int32()), "row": pa.array(row_of, pa.int64()),
-                      "cluster_id": pa.array(rep, pa.int64()), "dup_count": pa.array(dup_count, pa.int64()),
-                      "reason": pa.array(reason.tolist(), pa.string()), **span_cols})
+    spans = {**_span_drops(tables, ~removed, "para"), **_span_drops(tables, ~removed, "sent")}
+    _write_table(layout.work("clusters"), pa.table({
+        "task": pa.array(task_of, pa.int32()), "row": pa.array(row_of, pa.int64()),
+        "cluster_id": pa.array(rep, pa.int64()), "dup_count": pa.array(sizes[rep], pa.int64()),
+        "reason": pa.array(reason.tolist(), pa.string()), **spans}, schema=schema.CLUSTERS_SCHEMA))
     cluster_sizes = sizes[sizes > 0]
-    stats = {"docs": int(n), "exact_dups": int(exact_dup.sum()), "near_dups": int((removed & ~exact_dup).sum()),
-             "clusters": int(len(cluster_sizes)), "dup_clusters": int((cluster_sizes > 1).sum()),
-             "verified_edges": int(len(edges)),
-             "cluster_size_hist": {int(k): int(v) for k, v in zip(*np.unique(cluster_sizes, return_counts=True))}}
-    atomic_write_json(work / "s2.stats.json", stats)
-    _write_table(final, table)
-    return stats
+    return _finish(layout.marker("clusters"), ClusterResult(
+        docs=int(n), exact_dups=int(exact_dup.sum()), near_dups=int((removed & ~exact_dup).sum()),
+        clusters=int(len(cluster_sizes)), dup_clusters=int((cluster_sizes > 1).sum()), verified_edges=int(len(edges)),
+        cluster_size_hist={int(k): int(v) for k, v in zip(*np.unique(cluster_sizes, return_counts=True))}))
 
 
-# ---------------------------------------------------------------------------------------------- stage 3
+# ---------------------------------------------------------------------------------------------- dedup
 
-def stage3_task(recipe_d: dict, out: str, task: int) -> dict:
-    work = Path(out) / "work"
-    final = work / f"s3-{task:05d}.parquet"
-    if final.exists():
-        return read_json(work / f"s3-{task:05d}.stats.json")
+def dedup_task(recipe_d: dict, out: str, task: int) -> ShardResult:
+    layout = Layout(out)
+    if done := _done(layout.marker("deduped", task), ShardResult):
+        return done
     recipe = DataRecipe.from_dict(recipe_d)
-    docs = pq.read_table(work / f"s1-{task:05d}.parquet",
+    rows = pq.read_table(layout.work("filtered", task),
                          columns=["doc_id", "source", "text", "lang", "quality", "upsample"]).to_pylist()
-    assign = pq.read_table(work / "s2-assign.parquet", filters=[("task", "=", task)]).to_pylist()
-    assign.sort(key=lambda r: r["row"])
-    counts, rejects, kept = Counts(), [], []
-    for doc, a in zip(docs, assign):
-        counts.seen("dedup", doc["source"])
-        if a["reason"]:
-            counts.removed("dedup", doc["source"], a["reason"])
-            rejects.append(_reject(doc["doc_id"], doc["source"], "dedup", a["reason"], doc["text"],
-                                   cluster_id=a["cluster_id"], detail=f"cluster of {a['dup_count']}"))
-            continue
-        text, cuts = doc["text"], []
-        for name, spans_fn, reason in (("para", paragraph_spans, "dup_paragraph"),
-                                       ("sent", sentence_spans, "dup_sentence")):
-            if a[f"drop_{name}"]:
-                spans = spans_fn(text)
-                for i, owner in zip(a[f"drop_{name}"], a[f"drop_{name}_owner"]):
-                    s, e = spans[i]
-                    cuts.append((s, e))
-                    counts.span("spans", reason, e - s)
-                    rejects.append(_reject(doc["doc_id"], doc["source"], "spans", reason, text[s:e], kind=name,
-                                           cluster_id=owner, detail=f"chars {s}-{e}; first seen in global doc {owner}"))
-        if cuts:
-            text = remove_spans(text, cuts)
-            if len(text) < recipe.exact.min_chars_after:
-                counts.removed("dedup", doc["source"], "too_short_after_span_dedup")
-                rejects.append(_reject(doc["doc_id"], doc["source"], "dedup", "too_short_after_span_dedup", text,
-                                       cluster_id=a["cluster_id"]))
-                continue
-        kept.append({**doc, "text": text, "cluster_id": a["cluster_id"], "dup_count": a["dup_count"]})
-    table = pa.Table.from_pylist(kept, schema=pa.schema([
-        ("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()), ("lang", pa.string()),
-        ("quality", pa.float64()), ("upsample", pa.bool_()), ("cluster_id", pa.int64()), ("dup_count", pa.int64())]))
-    stats = counts.to_json()
-    _write_table(Path(out) / "rejects" / f"s3-{task:05d}.parquet", _rejects_table(rejects))
-    atomic_write_json(work / f"s3-{task:05d}.stats.json", stats)
-    _write_table(final, table)
-    return stats
+    clusters = pq.read_table(layout.work("clusters"), filters=[("task", "=", task)]).to_pylist()
+    clusters.sort(key=lambda r: r["row"])
+    docs = [Doc(r["doc_id"], r["source"], r["text"], r["lang"], r["quality"], r["upsample"], {"cluster": c})
+            for r, c in zip(rows, clusters)]
+    steps = [DropDuplicates(), CutDuplicateSpans(recipe.exact)]
+    kept = [d for start in range(0, len(docs), BATCH_DOCS) for d in run_steps(steps, docs[start:start + BATCH_DOCS])]
+    _write_rejects(layout.rejects("dedup", task), steps)
+    _write_table(layout.work("deduped", task), pa.Table.from_pylist(
+        [{"doc_id": d.doc_id, "source": d.source, "text": d.text, "lang": d.lang, "quality": d.quality,
+          "upsample": d.upsample, "cluster_id": d.meta["cluster"]["cluster_id"],
+          "dup_count": d.meta["cluster"]["dup_count"]} for d in kept], schema=schema.DEDUPED_SCHEMA))
+    return _finish(layout.marker("deduped", task), ShardResult(len(kept), steps_stats(steps)))
 
 
-# ---------------------------------------------------------------------------------------------- stage 4
+# ---------------------------------------------------------------------------------------------- semantic
 
 def embed_task(recipe_d: dict, out: str, task: int) -> int:
-    path = Path(out) / "work" / f"s4-{task:05d}.emb.npy"
+    layout = Layout(out)
+    path = layout.work("embeddings", task, "npy")
     if path.exists():
         return int(np.load(path, mmap_mode="r").shape[0])
     args = DataRecipe.from_dict(recipe_d).embed
-    texts = pq.read_table(Path(out) / "work" / f"s3-{task:05d}.parquet", columns=["text"])["text"].to_pylist()
+    texts = pq.read_table(layout.work("deduped", task), columns=["text"])["text"].to_pylist()
     emb = Encoder(args.encoder, args.batch_size, args.max_chars).encode(texts) if texts else np.zeros((0, 1), np.float32)
     _write_npy(path, emb.astype(np.float32))
     return len(texts)
 
 
-def stage4(recipe: DataRecipe, out: str, tasks: int, executor) -> dict:
-    work = Path(out) / "work"
-    final = work / "s4-semantic.parquet"
-    if final.exists():
-        return read_json(work / "s4.stats.json")
-    sizes = [pq.read_metadata(work / f"s3-{t:05d}.parquet").num_rows for t in range(tasks)]
+def cluster_semantic(recipe: DataRecipe, layout: Layout, sizes: list[int], executor) -> SemanticResult:
+    """Barrier: k-means over every document's embedding, then SemDeDup inside each cluster."""
+    if done := _done(layout.marker("semantic"), SemanticResult):
+        return done
     n = sum(sizes)
     if recipe.embed.enabled and n:
-        executor.map(embed_task, [(asdict(recipe), out, t) for t in range(tasks)], desc="embed")
-        emb = np.concatenate([np.load(work / f"s4-{t:05d}.emb.npy") for t in range(tasks) if sizes[t]])
+        executor.map(embed_task, [(asdict(recipe), str(layout.root), t) for t in range(len(sizes))], desc="embed")
+        emb = np.concatenate([np.load(layout.work("embeddings", t, "npy")) for t in range(len(sizes)) if sizes[t]])
         centroids, assign = kmeans(emb, recipe.embed.clusters, recipe.embed.iterations, recipe.embed.seed)
         keep, dup_of, dist = semdedup(emb, centroids, assign, recipe.embed.semdedup_eps)
     else:
         assign, keep, dup_of, dist = (np.zeros(n, np.int64), np.ones(n, bool), np.full(n, -1, np.int64), np.zeros(n))
     cluster_size = np.bincount(assign, minlength=int(assign.max()) + 1 if n else 1)[assign] if n else np.zeros(0)
-    table = pa.table({"semantic_cluster": pa.array(assign, pa.int64()), "semantic_distance": pa.array(dist, pa.float64()),
-                      "semantic_keep": pa.array(keep, pa.bool_()), "semantic_dup_of": pa.array(dup_of, pa.int64()),
-                      "semantic_cluster_size": pa.array(cluster_size, pa.int64())})
-    stats = {"docs": int(n), "clusters": int(len(np.unique(assign))) if n else 0,
-             "semantic_dups": int((~keep).sum()), "enabled": recipe.embed.enabled}
-    atomic_write_json(work / "s4.stats.json", stats)
-    _write_table(final, table)
-    return stats
+    _write_table(layout.work("semantic"), pa.table({
+        "semantic_cluster": pa.array(assign, pa.int64()), "semantic_distance": pa.array(dist, pa.float64()),
+        "semantic_keep": pa.array(keep, pa.bool_()), "semantic_dup_of": pa.array(dup_of, pa.int64()),
+        "semantic_cluster_size": pa.array(cluster_size, pa.int64())}, schema=schema.SEMANTIC_SCHEMA))
+    return _finish(layout.marker("semantic"), SemanticResult(
+        docs=int(n), clusters=int(len(np.unique(assign))) if n else 0, semantic_dups=int((~keep).sum()),
+        enabled=recipe.embed.enabled))
 
 
-# ---------------------------------------------------------------------------------------------- stage 5
+# ---------------------------------------------------------------------------------------------- weights + write
 
-def stage5_weights(recipe: DataRecipe, out: str, tasks: int) -> None:
-    work = Path(out) / "work"
-    path = work / "s5-weights.npy"
+def score_documents(recipe: DataRecipe, layout: Layout, tasks: int) -> None:
+    """Barrier: sampling weights need corpus-wide means (cluster sizes, normalisation)."""
+    path = layout.work("weights", ext="npy")
     if path.exists():
         return
-    sem = pq.read_table(work / "s4-semantic.parquet")
-    docs = pa.concat_tables([pq.read_table(work / f"s3-{t:05d}.parquet", columns=["source", "quality", "upsample",
-                                                                                "dup_count"]) for t in range(tasks)])
+    sem = pq.read_table(layout.work("semantic"))
+    docs = pa.concat_tables([pq.read_table(layout.work("deduped", t), columns=["source", "quality", "upsample",
+                                                                              "dup_count"]) for t in range(tasks)])
     keep = sem["semantic_keep"].to_numpy(zero_copy_only=False)
     w = np.zeros(len(keep))
     if keep.any():
@@ -417,58 +401,35 @@ def stage5_weights(recipe: DataRecipe, out: str, tasks: int) -> None:
     _write_npy(path, w)
 
 
-def stage5_task(recipe_d: dict, out: str, task: int, offset: int) -> dict:
-    work, out_p = Path(out) / "work", Path(out)
-    final = out_p / "output" / f"part-{task:05d}.parquet"
-    if final.exists():
-        return read_json(work / f"s5-{task:05d}.stats.json")
-    docs = pq.read_table(work / f"s3-{task:05d}.parquet").to_pylist()
-    sem = pq.read_table(work / "s4-semantic.parquet").slice(offset, len(docs)).to_pylist()
-    weights = np.load(work / "s5-weights.npy")[offset:offset + len(docs)]
-    all_doc_ids = None
-    counts, rejects, rows = Counts(), [], []
-    for doc, s, w in zip(docs, sem, weights):
-        counts.seen("semantic", doc["source"])
-        if not s["semantic_keep"]:
-            if all_doc_ids is None:  # lazily: only needed to name what a removed document duplicates
-                all_doc_ids = pa.concat_tables([pq.read_table(work / f"s3-{t:05d}.parquet", columns=["doc_id"])
-                                                for t in range(_num_tasks(out))])["doc_id"].to_pylist()
-            counts.removed("semantic", doc["source"], "semantic_dup")
-            rejects.append(_reject(doc["doc_id"], doc["source"], "semantic", "semantic_dup", doc["text"],
-                                   cluster_id=s["semantic_cluster"],
-                                   detail=f"near-identical embedding to {all_doc_ids[s['semantic_dup_of']]}"))
-            continue
-        rows.append({"text": doc["text"], "source": doc["source"], "doc_id": doc["doc_id"],
-                     "cluster_id": doc["cluster_id"], "dup_count": doc["dup_count"], "quality": doc["quality"],
-                     "weight": float(w), "lang": doc["lang"], "semantic_cluster": s["semantic_cluster"],
-                     "semantic_distance": s["semantic_distance"]})
-    stats = counts.to_json()
-    _write_table(out_p / "rejects" / f"s5-{task:05d}.parquet", _rejects_table(rejects))
-    atomic_write_json(work / f"s5-{task:05d}.stats.json", stats)
-    _write_table(final, pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA))
-    return stats
-
-
-def _num_tasks(out: str) -> int:
-    return len(read_json(Path(out) / "work" / "tasks.json"))
+def write_task(recipe_d: dict, out: str, task: int, offset: int, tasks: int) -> ShardResult:
+    layout = Layout(out)
+    if done := _done(layout.marker("written", task), ShardResult):
+        return done
+    rows = pq.read_table(layout.work("deduped", task)).to_pylist()
+    sem = pq.read_table(layout.work("semantic")).slice(offset, len(rows)).to_pylist()
+    weights = np.load(layout.work("weights", ext="npy"))[offset:offset + len(rows)]
+    if any(not s["semantic_keep"] for s in sem):  # name what a removed document duplicates
+        all_ids = pa.concat_tables([pq.read_table(layout.work("deduped", t), columns=["doc_id"])
+                                    for t in range(tasks)])["doc_id"].to_pylist()
+        for s in sem:
+            s["dup_of_doc_id"] = all_ids[s["semantic_dup_of"]] if not s["semantic_keep"] else None
+    docs = [Doc(r["doc_id"], r["source"], r["text"], r["lang"], r["quality"], r["upsample"],
+                {"semantic": s, "weight": float(w), "cluster_id": r["cluster_id"], "dup_count": r["dup_count"]})
+            for r, s, w in zip(rows, sem, weights)]
+    steps = [SemanticDedup()]
+    kept = run_steps(steps, docs)
+    _write_rejects(layout.rejects("semantic", task), steps)
+    _write_table(layout.output(task), pa.Table.from_pylist(
+        [{"text": d.text, "source": d.source, "doc_id": d.doc_id, "cluster_id": d.meta["cluster_id"],
+          "dup_count": d.meta["dup_count"], "quality": d.quality, "weight": d.meta["weight"], "lang": d.lang,
+          "semantic_cluster": d.meta["semantic"]["semantic_cluster"],
+          "semantic_distance": d.meta["semantic"]["semantic_distance"]} for d in kept], schema=schema.OUTPUT_SCHEMA))
+    return _finish(layout.marker("written", task), ShardResult(len(kept), steps_stats(steps)))
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _merge_counts(parts: list[dict]) -> dict:
-    merged: dict = {}
-    for part in parts:
-        for step, d in part.items():
-            m = merged.setdefault(step, {"in": Counter(), "removed": Counter(), "reasons": Counter(),
-                                         "spans_removed": 0, "chars_removed": 0})
-            for k in ("in", "removed", "reasons"):
-                m[k].update(d.get(k, {}))
-            m["spans_removed"] += d.get("spans_removed", 0)
-            m["chars_removed"] += d.get("chars_removed", 0)
-    return {s: {k: dict(v) if isinstance(v, Counter) else v for k, v in d.items()} for s, d in merged.items()}
-
-
-def prepare_out_dir(recipe: DataRecipe, overwrite: bool = False) -> Path:
+def prepare_out_dir(recipe: DataRecipe, overwrite: bool = False) -> Layout:
     out = Path(recipe.out_dir)
     fingerprint = hashlib.sha256(json.dumps(recipe.computation_dict(), sort_keys=True).encode()).hexdigest()
     marker = out / "recipe.json"
@@ -485,34 +446,43 @@ def prepare_out_dir(recipe: DataRecipe, overwrite: bool = False) -> Path:
         shutil.rmtree(out)
     for sub in ("work", "output", "rejects"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    # A killed run can leave half-written temporaries of atomic writes; they are never read, so go.
+    for directory in (out, out / "work", out / "output", out / "rejects"):
+        for tmp in directory.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     if not marker.exists():
         atomic_write_json(marker, {"fingerprint": fingerprint, "recipe": asdict(recipe)})
-    return out
+    return Layout(out)
 
 
 def run_pipeline(recipe: DataRecipe, overwrite: bool = False, report: bool = True) -> dict:
     """Run (or resume) all stages; returns the report dictionary."""
     specs = expand_inputs(recipe.inputs)
-    out = prepare_out_dir(recipe, overwrite)
-    tasks_file = out / "work" / "tasks.json"
+    layout = prepare_out_dir(recipe, overwrite)
+    tasks_file = layout.work("tasks", ext="json")
     task_list = [{"path": str(s.path), "source": s.source} for s in specs]
     if tasks_file.exists() and read_json(tasks_file) != task_list:
-        raise InputError(f"{out}: the input file list changed since this run started; use --overwrite true")
+        raise InputError(f"{layout.root}: the input file list changed since this run started; use --overwrite true")
     atomic_write_json(tasks_file, task_list)
     executor = make_executor(recipe.executor, recipe.workers, recipe.ray_address)
-    rd, o, nt = asdict(recipe), str(out), len(task_list)
-    s1 = executor.map(stage1_task, [(rd, o, i, t["path"], t["source"]) for i, t in enumerate(task_list)],
-                      desc="stage 1: read/filter/hash")
-    s2 = stage2(recipe, o, nt, executor)
-    s3 = executor.map(stage3_task, [(rd, o, i) for i in range(nt)], desc="stage 3: dedup")
-    s4 = stage4(recipe, o, nt, executor)
-    stage5_weights(recipe, o, nt)
-    sizes = [pq.read_metadata(out / "work" / f"s3-{t:05d}.parquet").num_rows for t in range(nt)]
+    rd, out, nt = asdict(recipe), str(layout.root), len(task_list)
+    filtered: list[ShardResult] = executor.map(
+        filter_task, [(rd, out, i, t["path"], t["source"]) for i, t in enumerate(task_list)], desc="filter")
+    clusters = cluster_duplicates(recipe, layout, nt, executor)
+    deduped: list[ShardResult] = executor.map(dedup_task, [(rd, out, i) for i in range(nt)], desc="dedup")
+    sizes = [r.docs for r in deduped]
+    semantic = cluster_semantic(recipe, layout, sizes, executor)
+    score_documents(recipe, layout, nt)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if nt else []
-    s5 = executor.map(stage5_task, [(rd, o, i, offsets[i]) for i in range(nt)], desc="stage 5: score/write")
-    summary = {"steps": _merge_counts(s1 + s3 + s5), "minhash": s2, "semantic": s4, "tasks": nt}
+    written: list[ShardResult] = executor.map(write_task, [(rd, out, i, offsets[i], nt) for i in range(nt)],
+                                              desc="score/write")
+    languages = Counter()
+    for r in filtered:
+        languages.update(r.languages)
+    summary = {"steps": merge_stats([r.steps for r in filtered + deduped + written]), "minhash": asdict(clusters),
+               "semantic": asdict(semantic), "tasks": nt, "languages_tagged": dict(languages.most_common())}
     if report:
         from baichuan2.data.report import write_report
 
-        return write_report(o, summary)
+        return write_report(out, summary)
     return summary

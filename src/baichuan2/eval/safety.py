@@ -118,7 +118,7 @@ def split_shots(items: list[SafetyItem], shots: int, seed: int = 0, dev_file: st
 def evaluate_safetybench(model, tok, items: list[SafetyItem], shots: int = 5, lang: str = "zh", seed: int = 0,
                          dev_file: str | None = None, batch_size: int = 8, limit: int = 0) -> dict:
     """Accuracy per category and overall, by the option letters' next-token log-probabilities after '('."""
-    from baichuan2.eval.harness import fit_shots, letter_token_ids
+    from baichuan2.eval.harness import bos_prefix, fit_shots, letter_targets
     from baichuan2.eval.scoring import letter_logprobs
 
     pool, test = split_shots(items, shots, seed, dev_file)
@@ -135,13 +135,17 @@ def evaluate_safetybench(model, tok, items: list[SafetyItem], shots: int = 5, la
     for it in test:
         examples = pool.get(it.category, [])
         prompts.append(fit_shots(tok, lambda k, it=it, ex=examples: safetybench_prompt(it, ex[:k], lang) + "(",
-                                 len(examples), context))
+                                 len(examples), context - 2, bos_prefix(tok)))  # room for shared answer tokens
     records: list[dict] = [{} for _ in test]
-    groups: dict[int, list[int]] = defaultdict(list)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)  # by the letters' ids after this prompt
+    rows = []
     for i, it in enumerate(test):
-        groups[len(it.options)].append(i)
-    for n, idx in groups.items():
-        lp = letter_logprobs(model, [prompts[i] for i in idx], letter_token_ids(tok, n), batch_size)
+        shared, letters = letter_targets(tok, prompts[i].text, len(it.options))
+        rows.append(prompts[i].ids + shared)
+        groups[tuple(letters)].append(i)
+    for letters, idx in groups.items():
+        n = len(letters)
+        lp = letter_logprobs(model, [rows[i] for i in idx], letters, batch_size)
         for row, i in zip(lp.tolist(), idx, strict=True):
             pred = max(range(n), key=row.__getitem__)
             records[i] = {"id": test[i].id, "category": test[i].category, "pred": pred, "answer": test[i].answer,

@@ -82,9 +82,12 @@ def continuation_logprobs(model: Baichuan, pairs: Sequence[tuple[Sequence[int], 
                           batch_size: int = 8, max_batch_tokens: int = 32768) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): (sum of log p(continuation | context), is greedy).
 
-    Over-long pairs keep the end of the context (the continuation must fit), as lm-eval does."""
+    Over-long pairs keep the end of the context (the continuation must fit), as lm-eval does. The model
+    reads ``context + continuation[:-1]``; pairs with the same input (the options of a multiple-choice
+    question whose answers are single tokens) share one forward pass, like lm-eval's grouping by context."""
     limit = model.config.max_position_embeddings
-    rows, spans = [], []
+    inputs: dict[tuple[int, ...], int] = {}  # distinct input row -> its index
+    rows, reads = [], []  # reads[i] = (row index, first predicting position, continuation)
     for ctx, cont in pairs:
         if not cont:
             raise ValueError("empty continuation")
@@ -93,16 +96,24 @@ def continuation_logprobs(model: Baichuan, pairs: Sequence[tuple[Sequence[int], 
         ctx = list(ctx)[-(limit - len(cont)):] if ctx else []
         if not ctx:
             raise ValueError("a continuation needs at least one context token (e.g. bos)")
-        rows.append(ctx + list(cont))
-        spans.append((len(ctx), len(cont)))
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        row = tuple(ctx + list(cont[:-1]))
+        if row not in inputs:
+            inputs[row] = len(rows)
+            rows.append(list(row))
+        reads.append((inputs[row], len(ctx) - 1, list(cont)))
+    by_row: dict[int, list[int]] = {}
+    for i, (r, _, _) in enumerate(reads):
+        by_row.setdefault(r, []).append(i)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(reads)
     for batch in length_batches([len(r) for r in rows], batch_size, max_batch_tokens):
         hidden = _hidden(model, [rows[i] for i in batch])
-        for j, i in enumerate(batch):
-            start, n = spans[i]
-            logp = torch.log_softmax(model.lm_head(hidden[j, start - 1: start - 1 + n]).float(), dim=-1)
-            target = torch.tensor(rows[i][start: start + n], device=logp.device)
-            results[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+        for j, r in enumerate(batch):
+            for i in by_row[r]:
+                _, start, cont = reads[i]
+                logp = torch.log_softmax(model.lm_head(hidden[j, start: start + len(cont)]).float(), dim=-1)
+                target = torch.tensor(cont, device=logp.device)
+                results[i] = (float(logp.gather(1, target[:, None]).sum()),
+                              bool((logp.argmax(-1) == target).all()))
     return results
 
 

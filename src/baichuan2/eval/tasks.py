@@ -87,6 +87,9 @@ def ceval_prompt(subject: Subject, shots: list[Item], item: Item) -> str:
     return out + f"\n{item.question}{_options(item)}\n答案："
 
 
+# What separates the prompt's "Answer:" from the letter in the shots (and so in the scored continuation).
+ANSWER_SEPARATOR = {"mmlu": " "}
+
 PROMPTS = {"mmlu": mmlu_prompt, "cmmlu": cmmlu_prompt, "ceval": ceval_prompt, "gaokao": ceval_prompt,
            "agieval": ceval_prompt}
 

@@ -7,7 +7,9 @@ keys plus ``position_embedding``/``rope_theta``/``z_loss_weight``),
 ``pytorch_model.bin`` files (single or sharded) are read with
 ``torch.load(weights_only=True)``: never unpickled as code.  Directories are
 written under a temporary name and renamed into place, so a crash never
-leaves a half-written checkpoint behind.
+leaves a half-written checkpoint behind; each carries ``checksums.sha256``
+(utils/checksums.py), verified on load, and index entries may not point
+outside the directory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from baichuan2.model.config import ModelConfig
 from baichuan2.model.model import Baichuan
+from baichuan2.utils.checksums import ChecksumError, confined_path, verify_manifest, write_manifest
 from baichuan2.utils.io import InputError, atomic_directory, atomic_write_json
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -45,14 +48,15 @@ class CheckpointError(InputError):
 # config.json
 # ---------------------------------------------------------------------------------------
 
-def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16",
+                 tokenizer_class: str | None = "BaichuanTokenizer") -> dict[str, Any]:
+    """Our ``config.json``; ``tokenizer_class`` names the tokenizer the directory carries (None: omit)."""
     import transformers
 
-    return {
+    data = {
         "architectures": ["BaichuanForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
                      "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
-        "tokenizer_class": "BaichuanTokenizer",
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "gradient_checkpointing": False,
@@ -76,7 +80,11 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, A
         "position_embedding": cfg.position_embedding,
         "rope_theta": cfg.rope_theta,
         "z_loss_weight": cfg.z_loss_weight,
+        "norm_head": cfg.norm_head,  # official files lack it: they are NormHead models
     }
+    if tokenizer_class:
+        data["tokenizer_class"] = tokenizer_class
+    return data
 
 
 def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
@@ -99,6 +107,7 @@ def config_from_hf(data: Mapping[str, Any], source: str = "config.json") -> Mode
             rope_theta=data.get("rope_theta", 10000.0), rms_norm_eps=data.get("rms_norm_eps", 1e-6),
             initializer_range=data.get("initializer_range", 0.02),
             z_loss_weight=data.get("z_loss_weight", ModelConfig.z_loss_weight),
+            norm_head=data.get("norm_head", True),
             pad_token_id=data.get("pad_token_id", 0), bos_token_id=data.get("bos_token_id", 1),
             eos_token_id=data.get("eos_token_id", 2))
     except ValueError as e:
@@ -133,11 +142,17 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{index}: unreadable index ({e!r})") from None
             files = sorted(set(weight_map.values()))
-            absent = [f for f in files if not (d / f).exists()]
+            try:  # never follow an index out of the directory
+                paths = [confined_path(d, f, index) for f in files]
+            except ChecksumError as e:
+                raise CheckpointError(str(e)) from None
+            absent = [f for f, p in zip(files, paths) if not p.exists()]
             if absent:
                 raise CheckpointError(f"{index}: shard files missing from {d}: {absent}")
-            return [d / f for f in files]
+            return paths
         if (d / single).exists():
+            if not (d / single).resolve().is_relative_to(d.resolve()):
+                raise CheckpointError(f"{d / single}: a symlink to {(d / single).resolve()}, outside {d}")
             return [d / single]
     raise CheckpointError(f"{d}: no weights found (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
 
@@ -166,11 +181,21 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached", "future_mask")
 
 
-def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every weight of a checkpoint directory into one CPU state dict."""
+def load_state_dict(directory: str | os.PathLike, verify: bool | None = None) -> dict[str, torch.Tensor]:
+    """Read every weight of a checkpoint directory into one CPU state dict.
+
+    ``verify`` checks the weight files against the directory's ``checksums.sha256`` first (None: on
+    unless ``BAICHUAN2_VERIFY_CHECKSUMS=0``; see utils/checksums.py).  JSON files are listed in the
+    manifest but not enforced here: editing config.json by hand is a normal thing to do, and its
+    mistakes are loud (check_state_dict), unlike a flipped byte inside a tensor."""
+    files = weight_files(directory)
+    try:
+        verify_manifest(directory, verify, files=[p.relative_to(directory).as_posix() for p in files])
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
-    for path in weight_files(directory):
+    for path in files:
         for key, tensor in read_weight_file(path).items():
             if key.endswith(_IGNORED_SUFFIXES):
                 continue  # derived buffers some exporters store; recomputed here
@@ -203,12 +228,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", **config_overrides: Any) -> Baichuan:
-    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype."""
+                    device: str | torch.device = "cpu", verify: bool | None = None,
+                    **config_overrides: Any) -> Baichuan:
+    """Load a model directory.  ``dtype='auto'`` keeps the stored dtype; ``verify``: see ``load_state_dict``."""
     cfg = read_config(directory)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
-    state = load_state_dict(directory)
+    state = load_state_dict(directory, verify)
     with torch.device("meta"):
         model = Baichuan(cfg)
     check_state_dict(state, model, str(directory))
@@ -258,7 +284,6 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             atomic_write_json(tmp / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name))
         if generation_config is None:
             from baichuan2.model.generate import SamplingConfig
 
@@ -273,4 +298,25 @@ def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_
             atomic_write_json(tmp / name, obj)
         for path in copy_files:
             shutil.copyfile(path, tmp / Path(path).name)
+        atomic_write_json(tmp / "config.json", config_to_hf(model.config, dtype_name, tokenizer_class_of(tmp)))
+        write_manifest(tmp)  # sha256 of every file (config.json included), checked by load_state_dict
     return Path(directory)
+
+
+def tokenizer_class_of(directory: Path) -> str | None:
+    """The tokenizer class a model directory's ``config.json`` should name, judged by its tokenizer files:
+    what ``tokenizer_config.json`` says, else Baichuan's for a bare ``tokenizer.model`` (official layout)
+    or the generic fast class for a bare ``tokenizer.json``; None when there is no tokenizer."""
+    config = directory / "tokenizer_config.json"
+    if config.exists():
+        try:
+            name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            name = None
+        if name:
+            return name
+    if (directory / "tokenizer.model").exists():
+        return "BaichuanTokenizer"
+    if (directory / "tokenizer.json").exists():
+        return "PreTrainedTokenizerFast"
+    return None

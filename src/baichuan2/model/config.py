@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
+
+from baichuan2.utils.io import InputError
 
 PositionEmbedding = Literal["rope", "alibi"]
 
@@ -43,6 +45,10 @@ class ModelConfig:
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # Output head: Baichuan 2's NormHead (vocabulary rows L2-normalised in the forward pass) or,
+    # for weights converted from a Llama-family model, a plain linear head (its row norms carry
+    # information: SmolLM2's span 1.8-7.5, so normalising them would change every logit).
+    norm_head: bool = True
     # "sdpa": torch scaled_dot_product_attention (flash / memory-efficient kernels where
     # the inputs allow); "flex": torch FlexAttention with ALiBi as a score_mod and packed
     # documents as a block mask (never materialises an S x S bias; needs torch.compile).
@@ -57,7 +63,9 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        problems = []
+        problems = _type_problems(self)
+        if problems:  # wrongly typed values would only fail obscurely below (or deep inside the model)
+            raise InputError("invalid model config: " + "; ".join(problems))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings"):
             value = getattr(self, name)
@@ -72,6 +80,8 @@ class ModelConfig:
             problems.append(f"position_embedding must be 'rope' or 'alibi', got {self.position_embedding!r}")
         if self.attn_implementation not in ("sdpa", "flex"):
             problems.append(f"attn_implementation must be 'sdpa' or 'flex', got {self.attn_implementation!r}")
+        if not isinstance(self.norm_head, bool):
+            problems.append(f"norm_head must be true or false, got {self.norm_head!r}")
         if not (self.rms_norm_eps > 0):
             problems.append(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if self.z_loss_weight < 0:
@@ -83,7 +93,7 @@ class ModelConfig:
             if value is not None and not (0 <= value < max(self.vocab_size, 1)):
                 problems.append(f"{name}={value} is outside the vocabulary (size {self.vocab_size})")
         if problems:
-            raise ValueError("invalid model config: " + "; ".join(problems))
+            raise InputError("invalid model config: " + "; ".join(problems))
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -114,10 +124,11 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+            raise InputError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name].replace(**overrides)
 
     def replace(self, **overrides: Any) -> ModelConfig:
+        _check_keys(overrides, "model.overrides")
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,11 +136,33 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {unknown}; known keys: {sorted(names)}")
+        _check_keys(data, "model config")
         return cls(**data)
+
+
+def _check_keys(data: dict[str, Any], what: str) -> None:
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise InputError(f"unknown {what} key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(names)}")
+
+
+def _type_problems(cfg: ModelConfig) -> list[str]:
+    """Fields whose value does not have the declared type (ints may stand for floats; bools are not ints)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), f.type if not isinstance(f.type, str) else eval(f.type, globals())
+        if get_origin(kind) is Literal:
+            ok = value in get_args(kind)
+            expected = " or ".join(map(repr, get_args(kind)))
+        else:
+            allowed = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}[kind]
+            ok = isinstance(value, allowed) and (kind is bool or not isinstance(value, bool))
+            expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+        if not ok and not (value is None and f.name.endswith("_token_id")):  # HF configs may say null
+            problems.append(f"{f.name} must be {expected}, got {value!r}")
+    return problems
 
 
 def _ladder(hidden: int, layers: int, heads: int, ffn_multiple: int = 32, vocab: int = 32000,

@@ -1,4 +1,11 @@
-"""Incremental decoding with a preallocated KV cache, sampling and streaming.
+"""Continuous-batching decoding (`Batcher`), sampling and streaming.
+
+`Batcher` is the one decoding engine: `generate`/`stream_tokens` (evaluation, PPO, the pipeline) run it
+synchronously, the HTTP server and chat CLI run it in a scheduler thread (`baichuan2.serve.engine`).
+Each step it admits waiting sequences within a KV-cache budget, prefills them in chunks (a shared prompt
+prefix comes from the prefix cache instead of being recomputed), runs one batched decoding step for all
+running sequences at their own lengths (`SlotKVCache`), each with its own sampling settings and random
+generator, and retires finished or cancelled ones.
 
 Sampling follows Hugging Face's order so settings mean the same thing:
 repetition penalty (on every token seen so far, prompt included), then
@@ -11,14 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from baichuan2.model.model import Baichuan, KVCache
+from baichuan2.model.model import Baichuan, KVCache, SlotKVCache
 
 
 @dataclass
@@ -40,10 +49,15 @@ class SamplingConfig:
             problems.append(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if not (0 < self.top_p <= 1):
+        if not (0 < self.top_p <= 1):  # (NaN fails this too)
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be finite, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if problems:
             raise ValueError("invalid sampling settings: " + "; ".join(problems))
 
@@ -60,18 +74,21 @@ class SamplingConfig:
 
     @classmethod
     def from_generation_config(cls, path: str | Path, **overrides) -> SamplingConfig:
-        """Read a Hugging Face ``generation_config.json`` (file or directory holding one)."""
+        """Read a Hugging Face ``generation_config.json`` (file or directory holding one).
+
+        HF semantics: ``eos_token_id`` may be a list (every id stops, e.g. ``<|im_end|>`` and
+        ``<|endoftext|>``) and a file without ``do_sample`` means greedy decoding."""
         path = Path(path)
         if path.is_dir():
             path = path / "generation_config.json"
         cfg = json.loads(path.read_text(encoding="utf-8"))
         stops = cfg.get("eos_token_id", 2)
-        stops = list(stops) if isinstance(stops, list) else [stops]
-        if "user_token_id" in cfg:
+        stops = [int(s) for s in stops] if isinstance(stops, list) else [] if stops is None else [int(stops)]
+        if cfg.get("user_token_id") is not None:
             stops.append(cfg["user_token_id"])
         values = dict(max_new_tokens=cfg.get("max_new_tokens", 256), temperature=cfg.get("temperature", 1.0),
                       top_k=cfg.get("top_k", 0) or 0, top_p=cfg.get("top_p", 1.0),
-                      repetition_penalty=cfg.get("repetition_penalty", 1.0), do_sample=cfg.get("do_sample", True),
+                      repetition_penalty=cfg.get("repetition_penalty", 1.0), do_sample=cfg.get("do_sample", False),
                       stop_token_ids=stops)
         values.update(overrides)
         return cls(**values)
@@ -84,45 +101,58 @@ class SamplingConfig:
                 "top_p": self.top_p, "repetition_penalty": self.repetition_penalty, "do_sample": self.do_sample}
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """HF semantics: for every token already present, divide positive logits by the
-    penalty and multiply negative ones by it.  ``seen`` is a ``[batch, vocab]`` bool mask."""
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    penalty and multiply negative ones by it.  ``seen`` is a ``[batch, vocab]`` bool mask;
+    ``penalty`` one number or one per row."""
+    if not torch.is_tensor(penalty):
+        if penalty == 1.0:
+            return logits
+        penalty = torch.tensor([penalty], dtype=logits.dtype, device=logits.device)
+    p = penalty.to(logits.dtype)[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
     return torch.where(seen, penalised, logits)
 
 
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """Next token of every row of ``logits`` ``[batch, vocab]`` (already penalised), each row with its own
+    settings: temperature (0 = greedy), top-k (0 = off), top-p, and one uniform draw in [0, 1) from the
+    row's own generator, so a row's choice never depends on what else is in the batch.
+
+    Top-k and top-p work on the ``max(k)`` best tokens only (a full sort only for rows without top-k):
+    a token is dropped when the probability mass before it already reaches top_p (the first always stays).
+    """
+    out = logits.argmax(dim=-1)
+    sampled = temperature > 0
+    if not bool(sampled.any()):
+        return out
+    idx = sampled.nonzero().squeeze(1)
+    rows = logits[idx] / temperature[idx, None].to(logits.dtype)
+    vocab = rows.shape[-1]
+    k = top_k[idx].to(torch.long)
+    k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
+    width = int(k.max())
+    values, order = torch.topk(rows, width, dim=-1)  # sorted, best first
+    cols = torch.arange(width, device=rows.device)
+    values = values.masked_fill(cols[None] >= k[:, None], float("-inf"))
+    probs = values.softmax(dim=-1)
+    p = top_p[idx, None].to(probs.dtype)
+    probs = probs.masked_fill(((probs.cumsum(dim=-1) - probs) >= p) & (p < 1), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms[idx].to(cdf.dtype) * cdf[:, -1])[:, None]
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=width - 1)
+    out[idx] = order.gather(1, pick).squeeze(1)
+    return out
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token for each row of ``logits`` ``[batch, vocab]`` (already penalised)."""
-    if cfg.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
-    if cfg.top_k and cfg.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= cfg.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack prompts of different lengths, padded on the left; mask is None when no padding."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, (None if bool(mask.all()) else mask)
+    """Pick the next token for each row of ``logits`` ``[batch, vocab]`` (already penalised), one config for all."""
+    b = logits.shape[0]
+    temperature = torch.full((b,), 0.0 if cfg.greedy else cfg.temperature, device=logits.device)
+    uniforms = torch.rand(b, generator=generator, device=generator.device if generator else "cpu").to(logits.device)
+    return sample_rows(logits, temperature, torch.full((b,), cfg.top_k, device=logits.device),
+                       torch.full((b,), cfg.top_p, device=logits.device), uniforms)
 
 
 def column_major_weights(model: torch.nn.Module) -> None:
@@ -142,62 +172,326 @@ def column_major_weights(model: torch.nn.Module) -> None:
                 w.data = w.data.t().contiguous().t()
 
 
+# ---------------------------------------------------------------------------------------
+# continuous batching
+# ---------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate.  ``emit(token, finish_reason)`` is called from the thread that steps the
+    batcher: once per new token (finish None), then once with ``(None, "stop" | "length" | "cancelled")``.
+    Set ``cancelled`` from any thread; the sequence leaves at the next step."""
+
+    prompt: list[int]
+    cfg: SamplingConfig
+    emit: Callable[[int | None, str | None], None] | None = None
+    tokens: list[int] = field(default_factory=list)  # generated, stop token excluded
+    stop_token: int | None = None  # the stop token that ended it, if any
+    finish_reason: str | None = None
+    cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    # scheduler state
+    computed: int = 0  # prompt tokens already in the prefill cache
+    reserved: int = 0  # KV-cache tokens reserved at admission
+    prefill: KVCache | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("every prompt needs at least one token")
+
+
+class PrefixCache:
+    """Keys/values of recent prompts, found again by any shared prefix (system or few-shot prompts).
+
+    Prompts are cut into blocks of ``block`` tokens; each block boundary of a stored prompt is indexed by
+    a chained hash of the tokens up to it, so a new prompt finds the longest stored prefix in one pass.
+    Least recently used entries go first once ``max_tokens`` is exceeded."""
+
+    def __init__(self, max_tokens: int, block: int = 16):
+        self.max_tokens, self.block = max_tokens, block
+        self.entries: OrderedDict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self.index: dict[int, int] = {}  # prefix hash -> entry id
+        self.tokens = 0
+        self.hits = self.queries = 0
+        self._next_id = 0
+
+    def _hashes(self, ids: Sequence[int], limit: int) -> list[int]:
+        h, out = 0, []
+        for end in range(self.block, limit + 1, self.block):
+            h = hash((h, tuple(ids[end - self.block:end])))
+            out.append(h)
+        return out
+
+    def lookup(self, prompt: list[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        """``(n, keys, values)``: the longest cached prefix (``n`` < len(prompt), 0 when none), per layer
+        ``[heads, n, head_dim]`` views."""
+        self.queries += 1
+        best = (0, [], [])
+        for i, h in enumerate(self._hashes(prompt, len(prompt) - 1)):
+            entry_id = self.index.get(h)
+            if entry_id is None:
+                break
+            n = (i + 1) * self.block
+            tokens, keys, values = self.entries[entry_id]
+            if tokens[:n] != prompt[:n]:  # a hash collision
+                break
+            best = (n, [k[:, :n] for k in keys], [v[:, :n] for v in values])
+            self.entries.move_to_end(entry_id)
+        if best[0]:
+            self.hits += 1
+        return best
+
+    def insert(self, prompt: list[int], cache: KVCache) -> None:
+        n = min(len(prompt), cache.get_seq_length()) // self.block * self.block
+        if n == 0 or n > self.max_tokens:
+            return
+        hashes = self._hashes(prompt, n)
+        if self.index.get(hashes[-1]) is not None:
+            return  # this prefix is stored already
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        keys = [k[0, :, :n].clone() for k in cache.keys]
+        values = [v[0, :, :n].clone() for v in cache.values]
+        self.entries[entry_id] = (list(prompt[:n]), keys, values)
+        self.tokens += n
+        for h in hashes:
+            self.index[h] = entry_id
+        while self.tokens > self.max_tokens:
+            old_id, (tokens, _, _) = self.entries.popitem(last=False)
+            self.tokens -= len(tokens)
+            for h in self._hashes(tokens, len(tokens)):
+                if self.index.get(h) == old_id:
+                    del self.index[h]
+
+
+class Batcher:
+    """Continuous batching over one model; not thread-safe (one thread calls ``add`` and ``step``).
+
+    Args:
+        max_seqs: sequences decoded together at most (rows of the slot KV cache).
+        max_len: longest sequence, prompt + completion (default: the model's context length).
+        kv_budget_tokens: KV-cache tokens all admitted sequences may reserve together (prompt + max new
+            tokens each); admission waits for room.  Default: ``max_seqs * max_len``.
+        prefill_chunk: prompt tokens computed per step, so a long prompt never stalls running streams.
+        prefix_cache_tokens: prompt-prefix tokens kept for reuse (0 = no prefix cache).
+    """
+
+    def __init__(self, model: Baichuan, max_seqs: int = 64, max_len: int | None = None,
+                 kv_budget_tokens: int | None = None, prefill_chunk: int = 512, prefix_cache_tokens: int = 0):
+        self.model = model.eval()
+        column_major_weights(model)
+        self.max_len = max_len or model.config.max_position_embeddings
+        self.max_seqs = max_seqs
+        self.kv_budget = kv_budget_tokens or max_seqs * self.max_len
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.cache = SlotKVCache.for_model(model, max_seqs, self.max_len)
+        vocab = model.config.vocab_size
+        self.seen = torch.zeros((max_seqs, vocab), dtype=torch.bool, device=model.device)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Request] = deque()
+        self.running: list[Request] = []  # running[r] lives in cache row r
+        self.reserved = 0
+        self.generated_tokens = 0
+        self.steps = 0
+
+    def check(self, req: Request) -> None:
+        """Raise ValueError when the request can never run here."""
+        need = len(req.prompt) + req.cfg.max_new_tokens
+        if len(req.prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(req.prompt)} tokens does not fit the context length {self.max_len}")
+        if min(need, self.max_len) > self.kv_budget:
+            raise ValueError(f"prompt + max_new_tokens = {need} tokens exceed the KV-cache budget of "
+                             f"{self.kv_budget} tokens")
+
+    def add(self, req: Request) -> None:
+        self.check(req)
+        if req.generator is None:
+            seed = req.cfg.seed if req.cfg.seed is not None else int(torch.randint(2**62, ()))
+            req.generator = torch.Generator().manual_seed(seed)
+        self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def kv_tokens_used(self) -> int:
+        return sum(self.cache.lengths[: len(self.running)]) + sum(r.computed for r in self.prefilling)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: retire cancelled, admit, decode the running rows once, prefill a chunk."""
+        self._drop_cancelled()
+        self._admit()
+        if self.running:
+            self._decode()
+        if self.prefilling:
+            self._prefill()
+        self.steps += 1
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        self.reserved -= req.reserved
+        req.reserved, req.prefill = 0, None
+        if req.emit is not None:
+            req.emit(None, reason)
+
+    def _retire_row(self, row: int) -> None:
+        last = len(self.running) - 1
+        if row != last:  # keep running rows contiguous: the last one takes the freed row
+            self.cache.move(last, row)
+            self.seen[row] = self.seen[last]
+            self.running[row] = self.running[last]
+        self.cache.lengths[last] = 0
+        self.running.pop()
+
+    def _drop_cancelled(self) -> None:
+        for queue in (self.waiting, self.prefilling):
+            for req in [r for r in queue if r.cancelled]:
+                queue.remove(req)
+                self._finish(req, "cancelled")
+        for row in range(len(self.running) - 1, -1, -1):
+            req = self.running[row]
+            if req.cancelled:
+                self._retire_row(row)
+                self._finish(req, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_seqs:
+            req = self.waiting[0]
+            need = min(len(req.prompt) + req.cfg.max_new_tokens, self.max_len)
+            if self.reserved + need > self.kv_budget:
+                break
+            self.waiting.popleft()
+            if req.cfg.max_new_tokens == 0:
+                self._finish(req, "length")
+                continue
+            req.reserved = need
+            self.reserved += need
+            req.prefill = KVCache.for_model(self.model, 1, len(req.prompt))
+            req.computed = 0
+            if self.prefix_cache is not None:
+                n, keys, values = self.prefix_cache.lookup(req.prompt)
+                if n:
+                    for layer in range(len(keys)):
+                        req.prefill.keys[layer][0, :, :n] = keys[layer]
+                        req.prefill.values[layer][0, :, :n] = values[layer]
+                    req.prefill.lengths = [n] * len(keys)
+                    req.computed = req.cached_tokens = n
+            self.prefilling.append(req)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            req = self.prefilling[0]
+            n = min(len(req.prompt) - req.computed, budget)
+            ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
+            logits = self.model(ids, cache=req.prefill, last_only=True).logits[:, -1]
+            req.computed += n
+            budget -= n
+            if req.computed < len(req.prompt):
+                continue
+            self.prefilling.popleft()
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(req.prompt, req.prefill)
+            row = len(self.running)
+            self.cache.load(row, [k[0] for k in req.prefill.keys], [v[0] for v in req.prefill.values])
+            self.seen[row] = False
+            self.seen[row, torch.tensor(req.prompt, device=self.seen.device)] = True
+            req.prefill = None
+            self.running.append(req)
+            self._accept([req], logits)
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        ids = torch.tensor([[r.tokens[-1]] for r in self.running], device=self.model.device)
+        self.cache.select(n)
+        logits = self.model(ids, cache=self.cache, last_only=True).logits[:, -1]
+        self._accept(list(self.running), logits)
+
+    def _accept(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample one token for each of ``reqs`` (running rows ``row0..``) and retire the finished."""
+        row0 = self.running.index(reqs[0])
+        rows = slice(row0, row0 + len(reqs))
+        logits = logits.float()
+        penalty = torch.tensor([r.cfg.repetition_penalty for r in reqs], device=logits.device)
+        if bool((penalty != 1.0).any()):
+            logits = apply_repetition_penalty(logits, self.seen[rows], penalty)
+        greedy = [r.cfg.greedy for r in reqs]
+        temperature = torch.tensor([0.0 if g else r.cfg.temperature for g, r in zip(greedy, reqs)],
+                                   device=logits.device)
+        uniforms = torch.tensor([0.0 if g else float(torch.rand((), generator=r.generator))
+                                 for g, r in zip(greedy, reqs)], device=logits.device)
+        top_k = torch.tensor([r.cfg.top_k for r in reqs], device=logits.device)
+        top_p = torch.tensor([r.cfg.top_p for r in reqs], device=logits.device)
+        tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
+        self.seen[torch.arange(row0, row0 + len(reqs), device=self.seen.device), tokens] = True
+        finished = []
+        for row, (req, token) in enumerate(zip(reqs, tokens.tolist()), start=row0):
+            self.generated_tokens += 1
+            if token in req.cfg.stop_token_ids:
+                req.stop_token = token
+                finished.append((row, "stop"))
+                continue
+            req.tokens.append(token)
+            if req.emit is not None:
+                req.emit(token, None)
+            if len(req.tokens) >= req.cfg.max_new_tokens or len(req.prompt) + len(req.tokens) >= self.max_len:
+                finished.append((row, "length"))
+        for row, reason in reversed(finished):  # highest row first, so moves never touch a row still to go
+            req = self.running[row]
+            self._retire_row(row)
+            self._finish(req, reason)
+
+
 @torch.inference_mode()
 def stream_tokens(model: Baichuan, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> Iterator[torch.Tensor]:
-    """Yield one ``[batch]`` tensor of new token ids per step.
+    """Yield one ``[batch]`` tensor of new token ids per step, all prompts decoded together by `Batcher`.
 
     Rows that have produced a stop token keep yielding ``-1`` until every row
     is done.  The stop token itself is yielded (callers decide whether to show it).
+    With ``cfg.seed`` row i samples from its own generator seeded ``seed + i``.
     """
-    ids, mask = left_pad(prompts, model.config.pad_token_id)
-    column_major_weights(model)
-    device = model.device
-    ids = ids.to(device)
-    mask = mask.to(device) if mask is not None else None
-    batch, width = ids.shape
-    if cfg.max_new_tokens == 0:
+    reqs = [Request(list(p), cfg) for p in prompts]
+    if not reqs or cfg.max_new_tokens == 0:
         return
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    cache = KVCache.for_model(model, batch, width + cfg.max_new_tokens)
-    vocab = model.config.vocab_size
-    # tokens already present (prompt included), for the repetition penalty; pads go to a spare column
-    present = ids if mask is None else ids.masked_fill(mask == 0, vocab)
-    seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=device).scatter_(1, present, True)[:, :vocab]
-    stops = torch.tensor(sorted(set(cfg.stop_token_ids)), device=device, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
-    for step in range(cfg.max_new_tokens):
-        logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-        nxt = sample_next(logits, cfg, generator)
-        nxt = torch.where(finished, torch.full_like(nxt, -1), nxt)
-        yield nxt
-        finished |= torch.isin(nxt, stops)
-        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
-            return
-        token = nxt.clamp(min=0)
-        seen[torch.arange(batch, device=device), token] = True
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        logits = model(token[:, None], attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
+    for i, req in enumerate(reqs):
+        if cfg.seed is not None:
+            req.generator = torch.Generator().manual_seed(cfg.seed + i)
+    max_len = max(len(p) for p in prompts) + cfg.max_new_tokens
+    batcher = Batcher(model, max_seqs=len(reqs), max_len=max_len, prefill_chunk=sum(len(p) for p in prompts))
+    for req in reqs:
+        batcher.add(req)
+    shown = [0] * len(reqs)
+    while batcher.has_work:
+        batcher.step()
+        step = []
+        for i, req in enumerate(reqs):
+            if shown[i] < len(req.tokens):
+                step.append(req.tokens[shown[i]])
+                shown[i] += 1
+            elif req.stop_token is not None and shown[i] == len(req.tokens):
+                step.append(req.stop_token)
+                shown[i] += 1
+            else:
+                step.append(-1)
+        if any(t >= 0 for t in step):
+            yield torch.tensor(step)
 
 
 def generate(model: Baichuan, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
              include_stop: bool = False) -> list[list[int]]:
     """Generate completions for a batch of prompts (token ids); stop tokens dropped by default."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
     out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    stops = set(cfg.stop_token_ids)
-    for step_ids in stream_tokens(model, prompts, cfg):
-        for row, tok in enumerate(step_ids.tolist()):
-            if done[row] or tok < 0:
-                continue
-            if tok in stops:
-                done[row] = True
-                if not include_stop:
-                    continue
-            out[row].append(tok)
+    for step in stream_tokens(model, prompts, cfg):
+        for row, token in enumerate(step.tolist()):
+            if token >= 0 and (include_stop or token not in cfg.stop_token_ids):
+                out[row].append(token)
     return out
 
 
@@ -227,6 +521,9 @@ def complete(checkpoint: str, prompt: str, max_new_tokens: int = 128, temperatur
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, do_sample=not greedy, seed=seed,
                          stop_token_ids=[model.config.eos_token_id])
+    if (Path(checkpoint) / "generation_config.json").exists():  # the checkpoint's eos ids (may be several)
+        stops = SamplingConfig.from_generation_config(checkpoint).stop_token_ids
+        cfg = dataclasses.replace(cfg, stop_token_ids=stops or cfg.stop_token_ids)
     ids = tok.encode(prompt)
     sys.stdout.write(prompt)
     text_so_far = ""

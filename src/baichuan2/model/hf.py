@@ -22,7 +22,7 @@ from baichuan2.model.model import IGNORE_INDEX, BaichuanModel, NormHead, RMSNorm
 
 
 class BaichuanConfig(PretrainedConfig):
-    """The official ``config.json`` keys, plus ``position_embedding``/``rope_theta``/``z_loss_weight``."""
+    """The official ``config.json`` keys, plus ``position_embedding``/``rope_theta``/``z_loss_weight``/``norm_head``."""
 
     model_type = "baichuan"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
@@ -34,6 +34,7 @@ class BaichuanConfig(PretrainedConfig):
                  pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2,
                  tie_word_embeddings: bool = False, position_embedding: str | None = None,
                  rope_theta: float = 10000.0, z_loss_weight: float = 0.0, gradient_checkpointing: bool = False,
+                 norm_head: bool = True,
                  **kwargs: Any):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -50,6 +51,7 @@ class BaichuanConfig(PretrainedConfig):
         self.position_embedding = position_embedding or ("rope" if hidden_size == 4096 else "alibi")
         self.rope_theta = rope_theta
         self.z_loss_weight = z_loss_weight
+        self.norm_head = bool(norm_head)  # False: plain linear head (weights converted from Llama models)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -81,7 +83,7 @@ class BaichuanForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.core_config: ModelConfig = config.to_model_config()
         self.model = BaichuanModel(self.core_config)
-        self.lm_head = NormHead(config.hidden_size, config.vocab_size)
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size, normalize=self.core_config.norm_head)
         self.post_init()
 
     @torch.no_grad()

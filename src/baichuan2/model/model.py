@@ -171,6 +171,114 @@ class KVCache:
             self.values[i] = self.values[i].index_select(0, index)
 
 
+class SlotKVCache:
+    """Keys/values of many sequences of different lengths, one preallocated row (slot) each.
+
+    Continuous batching keeps the running sequences in rows ``0..n-1`` and decodes them together, each
+    at its own length: ``select(n)`` picks the rows of the next forward pass, which appends its ``t`` new
+    tokens to every row at that row's own position; positions (RoPE) and the causal / ALiBi bias come
+    from the per-row lengths (``ragged_bias``), so no row is padded or recomputed.  Buffers are
+    ``[slots, heads, max_len, head_dim]``: memory pages are only touched as rows fill up.
+    """
+
+    def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (slots, heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = [0] * slots  # tokens held by each row
+        # Positions [0, finite[r]) of row r hold finite numbers.  Attention reads every row up to the
+        # longest one (masked), and a masked NaN/inf left in recycled memory would still poison the
+        # probabilities @ values product, so rows are zeroed lazily, just ahead of what is read.
+        self.finite = [0] * slots
+        self.slots, self.max_len, self.device = slots, max_len, torch.device(device)
+        self._rows = 0
+        self._starts = torch.zeros(0, dtype=torch.long)
+        self._t = 0
+
+    @classmethod
+    def for_model(cls, model: Baichuan, slots: int, max_len: int) -> SlotKVCache:
+        p = model.model.embed_tokens.weight
+        cfg = model.config
+        return cls(cfg.num_hidden_layers, slots, cfg.num_attention_heads, cfg.head_dim, max_len, p.device, p.dtype)
+
+    def select(self, rows: int) -> None:
+        """The next forward pass covers rows ``0..rows-1``."""
+        self._rows = rows
+
+    def begin(self, t: int) -> tuple[torch.Tensor, int]:
+        """Start a forward pass of ``t`` new tokens per selected row: ``(position_ids [rows, t], kv_len)``."""
+        lengths = self.lengths[: self._rows]
+        kv_len = max(lengths) + t
+        if kv_len > self.max_len:
+            raise ValueError(f"KV cache full: {kv_len} positions needed, {self.max_len} allocated")
+        for r in range(self._rows):
+            if self.finite[r] < kv_len:
+                end = min(self.max_len, kv_len + 256)
+                for layer in range(len(self.keys)):
+                    self.keys[layer][r, :, self.finite[r]:end] = 0
+                    self.values[layer][r, :, self.finite[r]:end] = 0
+                self.finite[r] = end
+        self._starts = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        self._t = t
+        return self._starts[:, None] + torch.arange(t, device=self.device)[None], kv_len
+
+    def ragged_bias(self, kv_len: int, dtype: torch.dtype, slopes: torch.Tensor | None) -> torch.Tensor | None:
+        """SDPA mask for the selected rows: key k is visible to new token j of row r iff k <= start_r + j;
+        with ALiBi slopes the additive ``slope * (k - q)`` bias.  None when every row has the same length
+        and there is nothing to add (SDPA's plain path)."""
+        q_pos = self._starts[:, None] + torch.arange(self._t, device=self.device)[None]  # [b, t]
+        k_pos = torch.arange(kv_len, device=self.device)
+        if slopes is None:
+            if self._t == 1 and len(set(self.lengths[: self._rows])) == 1:
+                return None
+            return (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [b, 1, t, kv]
+        rel = (k_pos[None, None, :] - q_pos[:, :, None]).to(torch.float32)  # [b, t, kv]
+        bias = slopes.to(device=self.device, dtype=torch.float32)[None, :, None, None] * rel[:, None]
+        return bias.masked_fill(rel[:, None] > 0, float("-inf")).to(dtype)  # [b, heads, t, kv]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = key_states.shape[0], key_states.shape[2]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if t == 1:  # one decoding step: a scatter at each row's own position
+            rows = torch.arange(b, device=self.device)
+            keys[rows, :, self._starts] = key_states[:, :, 0]
+            values[rows, :, self._starts] = value_states[:, :, 0]
+        else:
+            for r, start in enumerate(self.lengths[:b]):
+                keys[r, :, start:start + t] = key_states[r]
+                values[r, :, start:start + t] = value_states[r]
+        kv_len = max(self.lengths[:b]) + t
+        return keys[:b, :, :kv_len], values[:b, :, :kv_len]
+
+    def commit(self) -> None:
+        """End the forward pass: every selected row now holds ``t`` more tokens."""
+        for r in range(self._rows):
+            self.lengths[r] += self._t
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths[: self._rows], default=0)
+
+    def load(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Fill ``row`` with one sequence's keys/values (``[heads, n, head_dim]`` per layer)."""
+        n = keys[0].shape[1]
+        for layer in range(len(self.keys)):
+            self.keys[layer][row, :, :n] = keys[layer]
+            self.values[layer][row, :, :n] = values[layer]
+        self.lengths[row] = n
+        self.finite[row] = max(self.finite[row], n)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src`` into row ``dst`` (keeps the running rows contiguous when one leaves)."""
+        n = self.lengths[src]
+        for layer in range(len(self.keys)):
+            self.keys[layer][dst, :, :n] = self.keys[layer][src, :, :n]
+            self.values[layer][dst, :, :n] = self.values[layer][src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+        self.finite[dst] = max(self.finite[dst], n)
+
+
 # ---------------------------------------------------------------------------------------
 # attention masks
 # ---------------------------------------------------------------------------------------
@@ -313,20 +421,23 @@ class NormHead(nn.Module):
     without bumping the version counter.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int):
+    def __init__(self, hidden_size: int, vocab_size: int, normalize: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self._cache: tuple[Any, torch.Tensor] | None = None
+        # False: a plain linear head (``config.norm_head=False``, weights converted from Llama models);
+        # it keeps this class's fused loss and decoding path, only the row normalisation is skipped.
+        self.normalize = normalize
 
     def normalized_weight(self) -> torch.Tensor:
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             self._cache = None
-            return F.normalize(w, dim=-1)
+            return F.normalize(w, dim=-1) if self.normalize else w
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._cache is None or self._cache[0] != key:
-            normalized = F.normalize(w.detach(), dim=-1)
+            normalized = F.normalize(w.detach(), dim=-1) if self.normalize else w.detach()
             if normalized.device.type == "cpu":  # column-major: faster matrix-vector products when decoding
                 normalized = normalized.t().contiguous().t()
             self._cache = (key, normalized)
@@ -381,6 +492,8 @@ class BaichuanModel(nn.Module):
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         t = x.shape[1]
+        if isinstance(cache, SlotKVCache):
+            return self._forward_slots(x, cache)
         past = cache.get_seq_length(0) if cache is not None else 0
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.long)
@@ -414,6 +527,18 @@ class BaichuanModel(nn.Module):
                 x = layer(x, **attn_kwargs)
         return self.norm(x)
 
+    def _forward_slots(self, x: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """Continuous-batching pass: every row continues its own sequence at its own length."""
+        t = x.shape[1]
+        position_ids, kv_len = cache.begin(t)
+        slopes = self.slopes(x.device)
+        bias = AttentionBias(mask=cache.ragged_bias(kv_len, _compute_dtype(x), slopes))
+        rope = self.rope(position_ids, kv_len, x.device) if self.rope is not None else None
+        for layer in self.layers:
+            x = layer(x, rope=rope, bias=bias, cache=cache)
+        cache.commit()
+        return self.norm(x)
+
 
 @dataclass
 class ModelOutput:
@@ -425,13 +550,13 @@ class ModelOutput:
 
 
 class Baichuan(nn.Module):
-    """Baichuan 2 causal LM: ``model`` (trunk) + ``lm_head`` (NormHead)."""
+    """Baichuan 2 causal LM: ``model`` (trunk) + ``lm_head`` (NormHead, or plain when ``config.norm_head`` is false)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = BaichuanModel(config)
-        self.lm_head = NormHead(config.hidden_size, config.vocab_size)
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size, normalize=config.norm_head)
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -4,7 +4,9 @@ Sources (each a ``source`` tag, as Baichuan 2 mixed web/books/papers/code):
   * ``docs``  - English prose: the Python language reference shipped in ``pydoc_data``
     and the docstrings of the standard library's modules, classes and functions;
   * ``code``  - the standard library's Python source files;
-  * ``dialog``- the chatterbot-corpus conversations (many languages, Chinese included);
+  * ``dialog``- the chatterbot-corpus conversations in 26 languages (6,719 dialogues; by the data
+    pipeline's language tags English 2,036, Persian 755, Japanese 568, Italian 551, Korean 453,
+    Ukrainian 452, ...): not an English source - the pipeline tags each document's language;
   * ``zh``    - Chinese text: chatterbot-corpus (simplified + traditional), CPython's
     CJK encoding test texts and, when the Debian package ``fortunes-zh`` is installed,
     its Chinese fortunes (poems and sayings).

@@ -134,6 +134,13 @@ def body(name: str, r: dict, out: Path) -> str:
                  "removal reason); removed documents are in `data/rejects/`."]
         if by_src:
             lines += ["", "| source | kept |", "|---|---:|", *[f"| {md_escape(k)} | {v:,} |" for k, v in by_src.items()]]
+        langs = r.get("output_by_language", {})
+        if langs:
+            top = sorted(langs.items(), key=lambda kv: -kv[1])
+            rest = sum(v for _, v in top[10:])
+            lines += ["", "Language mix of the kept documents (the data pipeline's language tags):", "",
+                      "| language | kept |", "|---|---:|", *[f"| {md_escape(k)} | {v:,} |" for k, v in top[:10]]]
+            lines += [f"| {len(top) - 10} others | {rest:,} |"] if rest else []
         return "\n".join(lines)
     if name == "tokenizer":
         comp = r.get("compression", {})

@@ -98,6 +98,7 @@ def stage_data(r: PipelineRecipe, out: Path) -> dict:
     return {"input_docs": sum(v["docs"] for v in corpus.values()), "output_docs": rep["output_docs"],
             "minhash": {k: v for k, v in rep["minhash"].items() if k != "cluster_size_hist"},
             "semantic": rep["semantic"], "output_by_source": rep["output_by_source"],
+            "output_by_language": rep.get("output_by_language", {}),
             "figures": [{"path": "data/cluster_sizes.png", "title": "MinHash near-duplicate cluster sizes",
                          "caption": "clusters of each size (log scale); size 1 = no near duplicate"}]}
 

@@ -3,15 +3,16 @@
 Documents are read in a fixed order and cut into shards of ``docs_per_shard``
 documents, so shard k always holds the same documents: a re-run skips every
 shard whose files are complete and re-encodes only the rest (a shard killed
-mid-write left only a temporary file, which is removed).  Worker processes
-encode and write shards (``shards.write_shard``: ``.bin`` first, index last);
-the main process reads input and keeps a bounded number of shards in flight.
-``manifest.json`` (tokenizer hash, totals per source) is written at the end.
+mid-write left only a temporary file, which is removed; a shard whose checksum
+no longer matches is encoded again).  Worker processes encode and write shards
+(``shards.write_shard``: ``.bin`` first, index last) and die with the main
+process (``utils.procs.die_with_parent``), which reads input and keeps a bounded
+number of shards in flight.  ``manifest.json`` (tokenizer hash, totals per
+source) is written at the end.
 """
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import time
@@ -22,22 +23,18 @@ from pathlib import Path
 
 from baichuan2.tokenizer.corpus import expand_inputs, iter_documents
 from baichuan2.tokenizer.shards import INDEX_SUFFIX, TokenShard
+from baichuan2.utils.checksums import file_sha256
 from baichuan2.utils.io import InputError, atomic_write_json, read_json
 
 _worker_tok = None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _init_worker(model_file: str) -> None:
+def _init_worker(model_file: str, parent_pid: int) -> None:
     global _worker_tok
     from baichuan2.tokenizer.tokenizer import Tokenizer
+    from baichuan2.utils.procs import die_with_parent
+
+    die_with_parent(parent_pid)  # after kill -9 of `tokenizer encode`, no worker keeps encoding and writing
 
     _worker_tok = Tokenizer(model_file)
 
@@ -74,7 +71,11 @@ def _complete(prefix: Path, expected_docs: int) -> bool:
     if not prefix.with_name(prefix.name + INDEX_SUFFIX).exists():
         return False
     try:
-        return len(TokenShard(prefix)) == expected_docs
+        shard = TokenShard(prefix)
+        if len(shard) != expected_docs:
+            return False
+        shard.verify()  # a damaged shard is encoded again
+        return True
     except InputError:
         return False
 
@@ -101,8 +102,9 @@ def encode_corpus(inputs: Sequence[str] | str, out_dir: str, tokenizer: str, tex
     if overwrite:
         for p in list(out.glob("shard-*")) + [out / "manifest.json"]:
             p.unlink(missing_ok=True)
-    for stale in out.glob(".shard-*.tmp"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
+    for pattern in (".shard-*.tmp", ".manifest.json.*.tmp", ".encode_plan.json.*.tmp"):
+        for stale in out.glob(pattern):  # temporary files (utils.io.atomic_open) of a run killed mid-write
+            stale.unlink(missing_ok=True)
     atomic_write_json(plan_path, plan)
 
     workers = workers or os.cpu_count() or 1
@@ -113,7 +115,7 @@ def encode_corpus(inputs: Sequence[str] | str, out_dir: str, tokenizer: str, tex
     progress = tqdm(desc="encoding", unit="doc", mininterval=0.5)
     ctx = mp.get_context("spawn")  # workers never inherit the parent's threads or locks
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(str(tok.model_file),)) as pool:
+                             initargs=(str(tok.model_file), os.getpid())) as pool:
         def drain(block_until: int) -> None:
             while len(pending) > block_until:
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)

@@ -10,12 +10,17 @@ A shard is two files sharing a prefix:
 
 The ``.bin`` is written first (temp, fsync, rename) and the index last: a shard
 exists only once its index does and the sizes agree, so a crash mid-write
-never leaves a shard that counts.  A directory of shards may carry a
-``manifest.json`` (tokenizer, totals); readers do not need it.
+never leaves a shard that counts.  The index's parquet metadata holds the
+``.bin``'s sha256 (``bin_sha256``), checked the first time a shard's tokens are
+read (skip with ``verify=False`` or ``BAICHUAN2_VERIFY_CHECKSUMS=0``), so a
+corrupted shard is refused by name instead of training on garbage.  A directory
+of shards may carry a ``manifest.json`` (tokenizer, totals); readers do not need
+it, but use its vocabulary size to check token ids when present.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,10 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from baichuan2.utils.checksums import verify_default
 from baichuan2.utils.io import InputError, atomic_open
 
 TOKEN_DTYPE = np.dtype("<u4")
 INDEX_SUFFIX = ".idx.parquet"
+CHECKSUM_KEY = b"bin_sha256"  # parquet key-value metadata of the index: sha256 of the .bin
 
 
 @dataclass
@@ -48,15 +55,17 @@ def write_shard(prefix: str | os.PathLike, docs: Iterable[Sequence[int] | np.nda
     offsets: list[int] = []
     lengths: list[int] = []
     total = 0
-    eos = np.array([eos_id], dtype=TOKEN_DTYPE)
+    eos = np.array([eos_id], dtype=TOKEN_DTYPE).tobytes()
+    digest = hashlib.sha256()
     with atomic_open(prefix.with_name(prefix.name + ".bin"), "wb") as fh:
         for doc in docs:
             arr = np.asarray(doc)
             if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(TOKEN_DTYPE).max):
                 raise ValueError("token ids must fit in uint32")
-            arr = arr.astype(TOKEN_DTYPE, copy=False)
-            fh.write(arr.tobytes())
-            fh.write(eos.tobytes())
+            data = arr.astype(TOKEN_DTYPE, copy=False).tobytes()
+            for chunk in (data, eos):
+                fh.write(chunk)
+                digest.update(chunk)
             offsets.append(total)
             lengths.append(arr.size + 1)
             total += arr.size + 1
@@ -75,16 +84,19 @@ def write_shard(prefix: str | os.PathLike, docs: Iterable[Sequence[int] | np.nda
     }
     if text_bytes is not None:
         columns["text_bytes"] = pa.array(list(text_bytes), pa.int64())
-    table = pa.table(columns)
+    table = pa.table(columns).replace_schema_metadata({CHECKSUM_KEY: digest.hexdigest().encode()})
     with atomic_open(prefix.with_name(prefix.name + INDEX_SUFFIX), "wb") as fh:
         pq.write_table(table, fh)
     return ShardInfo(prefix.name, n, total)
 
 
 class TokenShard:
-    """One shard, memory-mapped: ``doc(i)`` is a zero-copy view of document i (EOS included)."""
+    """One shard, memory-mapped: ``doc(i)`` is a zero-copy view of document i (EOS included).
 
-    def __init__(self, prefix: str | os.PathLike):
+    ``verify`` (None: on unless ``BAICHUAN2_VERIFY_CHECKSUMS=0``) checks the ``.bin`` against the
+    index's sha256 on the first ``doc()`` call, so shards a run never reads cost nothing."""
+
+    def __init__(self, prefix: str | os.PathLike, verify: bool | None = None):
         import pyarrow.parquet as pq
 
         prefix = Path(prefix)
@@ -109,6 +121,17 @@ class TokenShard:
         if actual != expected:
             raise InputError(f"{bin_path}: {actual} bytes but the index describes {expected} (corrupt shard)")
         self.tokens = np.memmap(bin_path, dtype=TOKEN_DTYPE, mode="r") if expected else np.zeros(0, TOKEN_DTYPE)
+        self.bin_path = bin_path
+        self.sha256 = (table.schema.metadata or {}).get(CHECKSUM_KEY, b"").decode() or None  # None: older shard
+        self._unverified = verify_default(verify) and self.sha256 is not None
+
+    def verify(self) -> None:
+        """Check the ``.bin`` against the index's sha256 (no-op for older shards without one)."""
+        if self.sha256 is not None and hashlib.sha256(self.tokens).hexdigest() != self.sha256:
+            raise InputError(f"{self.bin_path}: checksum mismatch (sha256 differs from the one in "
+                             f"{self.name}{INDEX_SUFFIX}): the shard is corrupt; re-encode it "
+                             "(`baichuan2 tokenizer encode` re-writes damaged shards)")
+        self._unverified = False
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -118,6 +141,8 @@ class TokenShard:
         return int(self.lengths.sum())
 
     def doc(self, i: int) -> np.ndarray:
+        if self._unverified:
+            self.verify()
         start = int(self.offsets[i])
         return self.tokens[start:start + int(self.lengths[i])]
 
@@ -131,15 +156,20 @@ def shard_prefixes(directory: str | os.PathLike) -> list[Path]:
 
 
 class TokenShards:
-    """All shards of one or more directories as one list of documents (global doc index)."""
+    """All shards of one or more directories as one list of documents (global doc index).
 
-    def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike]):
+    ``vocab_size``: the smallest tokenizer vocabulary named by the directories' manifests
+    (None without manifests); every token id must be below it."""
+
+    def __init__(self, directories: str | os.PathLike | Sequence[str | os.PathLike], verify: bool | None = None):
         if isinstance(directories, (str, os.PathLike)):
             directories = [directories]
-        self.shards = [TokenShard(p) for d in directories for p in shard_prefixes(d)]
+        self.shards = [TokenShard(p, verify) for d in directories for p in shard_prefixes(d)]
         if not self.shards:
             raise InputError(f"no token shards (*{INDEX_SUFFIX}) found in {list(map(str, directories))}")
         self.doc_starts = np.cumsum([0] + [len(s) for s in self.shards])
+        sizes = [(read_manifest(d) or {}).get("tokenizer", {}).get("vocab_size") for d in directories]
+        self.vocab_size = min((int(v) for v in sizes if v), default=None)
 
     def __len__(self) -> int:
         return int(self.doc_starts[-1])

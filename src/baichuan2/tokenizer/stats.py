@@ -5,8 +5,10 @@ character** of the input text (lower is better), on the same corpus for every
 tokenizer.  This matches the scale of the paper's Table 2 (LLaMA 2 1.037,
 Baichuan 2 0.498 on Chinese-heavy text: Chinese characters cost LLaMA ~1+
 tokens each and Baichuan 2 ~0.5).  Bytes per token (UTF-8) is reported too;
-rates are broken down by source tag and by detected language (``zh`` when
-at least 30% of the letters are CJK ideographs, otherwise ``en``).
+rates are broken down by source tag and by language: the ``lang`` tag the
+data pipeline wrote (``baichuan2.data.schema.OUTPUT_SCHEMA``), or for untagged
+input the same identifier the pipeline uses (py3langid, ISO 639 codes), so a
+Japanese or Korean dialogue never counts as Chinese.
 """
 
 from __future__ import annotations
@@ -16,19 +18,17 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from baichuan2.data.language import identify
 from baichuan2.tokenizer.corpus import iter_documents
 
 PAPER_TABLE_2 = {"LLaMA 2": 1.037, "Bloom": 0.501, "ChatGLM 2": 0.527, "Baichuan 1": 0.570, "Baichuan 2": 0.498}
 
 
-def language(text: str) -> str:
-    letters = cjk = 0
-    for ch in text[:4000]:
-        if ch.isalpha():
-            letters += 1
-            if "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf":
-                cjk += 1
-    return "zh" if letters and cjk / letters >= 0.3 else "en"
+def language(doc: dict | str) -> str:
+    """A document's language: its pipeline tag when it has one, else identified from the text."""
+    if isinstance(doc, str):
+        return identify(doc)
+    return doc.get("lang") or identify(doc["text"])
 
 
 def load_encoder(path: str) -> tuple[str, Callable[[list[str]], list[list[int]]]]:
@@ -57,7 +57,7 @@ def compression_stats(tokenizers: Sequence[str], inputs: Sequence[str], text_fie
         if doc["text"]:
             docs.append(doc)
     texts = [d["text"] for d in docs]
-    groups = [("all", f"source:{d['source']}", f"lang:{language(d['text'])}") for d in docs]
+    groups = [("all", f"source:{d['source']}", f"lang:{language(d)}") for d in docs]
     result: dict = {}
     for path in tokenizers:
         name, encode = load_encoder(path)

@@ -55,7 +55,7 @@ def user_symbols(vocab_size: int, reserved: int | None = None) -> list[str]:
     if reserved is None:
         reserved = 1000 if vocab_size >= 100_000 else 108  # 1000 as released; 108 keeps ids 195/196
     if reserved < 108:
-        raise ValueError("at least 108 reserved tokens are needed to place the chat tokens at ids 195/196")
+        raise InputError("reserved must be at least 108 to place the chat tokens at ids 195/196")
     return BAICHUAN_USER_SYMBOLS + [f"<reserved_{i}>" for i in range(reserved)]
 
 
@@ -139,7 +139,7 @@ def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 12569
     if (out / "tokenizer.model").exists() and not overwrite:
         raise FileExistsError(f"{out / 'tokenizer.model'} exists (pass overwrite=True to replace it)")
     if vocab_size < 300:
-        raise ValueError(f"vocab_size {vocab_size} is too small (byte fallback alone needs 259 ids)")
+        raise InputError(f"vocab_size {vocab_size} is too small: at least 259 (byte fallback alone needs 259 ids)")
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:

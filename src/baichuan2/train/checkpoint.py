@@ -5,6 +5,10 @@ writes its own shards, any other world size can read them) + ``trainer.json``
 (step, tokens, data position, NaN streak) + each rank's RNG state.  A
 checkpoint is written under ``step-N.tmp`` and renamed to ``step-N`` only after
 every rank finished, so a crash never leaves a checkpoint that looks complete.
+It carries ``checksums.sha256`` (utils/checksums.py), verified before resuming.
+Nothing read back is unpickled freely: DCP's ``.metadata`` pickle goes through
+an allow-list (``SafeFileSystemReader``), tensors and RNG states through
+``torch.load(weights_only=True)``, the rest is JSON.
 
 Released checkpoints (Baichuan 2 published one every 220B tokens) are full
 Hugging Face directories under ``release/tokens-<N>`` with ``release.json``
@@ -13,7 +17,6 @@ Hugging Face directories under ``release/tokens-<N>`` with ``release.json``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +29,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from baichuan2.utils.io import atomic_write_json, fsync_dir
+from baichuan2.utils.checksums import confined_path, verify_manifest, write_manifest
+from baichuan2.utils.io import InputError, atomic_write_json, fsync_dir, read_json
+from baichuan2.utils.safe_pickle import dcp_metadata_allowed, restricted_load
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -67,6 +72,7 @@ def save_training_state(run_dir: str | os.PathLike, step: int, model: torch.nn.M
     _barrier(distributed)
     if rank == 0:
         atomic_write_json(tmp / "trainer.json", trainer_state)
+        write_manifest(tmp)
         for child in tmp.iterdir():
             with open(child, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -80,21 +86,50 @@ def save_training_state(run_dir: str | os.PathLike, step: int, model: torch.nn.M
     return final
 
 
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader, except that ``.metadata`` is unpickled through an allow-list of metadata
+    types (torch's own reader calls ``pickle.load``, so a crafted file would run code on resume) and
+    every storage file it names must lie inside the checkpoint directory."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as fh:
+            metadata = restricted_load(fh, dcp_metadata_allowed, path)
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+            raise InputError(f"{path}: not a torch.distributed.checkpoint metadata file")
+        for info in metadata.storage_data.values():
+            confined_path(self.path, str(getattr(info, "relative_path", "")), path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        rank: int) -> dict[str, Any]:
+                        rank: int, verify: bool | None = None) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from ``path``; returns ``trainer.json``.
+
+    ``verify`` checks ``checksums.sha256`` first (None: on unless ``BAICHUAN2_VERIFY_CHECKSUMS=0``)."""
     path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"resume: checkpoint directory {path} not found")
     if not (path / "trainer.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer.json)")
+        raise InputError(f"resume: {path} is not a complete training checkpoint (no trainer.json)")
+    verify_manifest(path, verify)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     templates = {"model": model_sd, "optim": optim_sd}
     state = _map_strided(templates, lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device))
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_ready())
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()  # refuse here: dcp.load would log our error and fall back to per-rank metadata
+    dcp.load(state, storage_reader=reader, no_dist=not _dist_ready())
     state = _restore_strided(state, templates)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng-rank{rank:05d}.pt"
     if rng_file.exists():  # a rank that did not exist in the saving run starts from its seed instead
         _set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    return read_json(path / "trainer.json")
 
 
 def _is_strided(t: Any) -> bool:

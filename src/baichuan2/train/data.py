@@ -16,7 +16,9 @@ different number of GPUs reads exactly the same global batches.
 
 A row carries segment ids (1, 2, 3... per document piece) so the model's
 attention never crosses documents; the target of a document's last token
-(the first token of the next document) is ignored.
+(the first token of the next document) is ignored.  Every batch's ids are
+checked against the vocabulary (one vectorised max), so a corrupt shard is
+reported by name and offset instead of as an IndexError inside the embedding.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from baichuan2.tokenizer.shards import TokenShards
+from baichuan2.utils.io import InputError
 
 IGNORE_INDEX = -100
 _M64 = (1 << 64) - 1
@@ -77,8 +80,12 @@ class PackedDataset:
 
     def __init__(self, shard_dirs: str | Sequence[str], seq_len: int, seed: int = 0,
                  source_weights: Mapping[str, float] | None = None, use_doc_weights: bool = True,
-                 shuffle_rows: bool = True):
+                 shuffle_rows: bool = True, vocab_size: int | None = None):
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise InputError(f"seq_len must be a positive integer, got {seq_len!r}")
         self.shards = TokenShards(shard_dirs)
+        # ids must be below this (default: the shards' tokenizer vocabulary from their manifest.json)
+        self.vocab_size = vocab_size or self.shards.vocab_size
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle_rows = shuffle_rows
@@ -133,33 +140,49 @@ class PackedDataset:
         return epoch, row - first
 
     # ---- rows ----------------------------------------------------------------------------
-    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(tokens[seq_len + 1], segments[seq_len + 1])`` of global row ``index``."""
+    def _pieces(self, index: int):
+        """``(doc, first token in doc, count, position in row)`` of each document piece of global row ``index``."""
         epoch, r = self.locate(index)
         if self.shuffle_rows:
             r = permute_index(r, self.rows_in_epoch(epoch), _mix64((self.seed & _M64) ^ _mix64(epoch + _GOLDEN)))
         plan = self.plan(epoch)
         lo, hi = r * self.seq_len, r * self.seq_len + self.seq_len + 1
-        first = int(np.searchsorted(plan.starts, lo, side="right")) - 1
-        tokens = np.empty(self.seq_len + 1, dtype=np.int64)
-        segments = np.empty(self.seq_len + 1, dtype=np.int64)
-        pos, k, seg = lo, first, 1
+        pos, k = lo, int(np.searchsorted(plan.starts, lo, side="right")) - 1
         while pos < hi:
             doc = int(plan.docs[k])
-            start = int(plan.starts[k])
-            take_from = pos - start
+            take_from = pos - int(plan.starts[k])
             take = min(int(self.lengths[doc]) - take_from, hi - pos)
-            tokens[pos - lo:pos - lo + take] = self.shards.doc(doc)[take_from:take_from + take]
-            segments[pos - lo:pos - lo + take] = seg
+            yield doc, take_from, take, pos - lo
             pos += take
             k += 1
-            seg += 1
+
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens[seq_len + 1], segments[seq_len + 1])`` of global row ``index``."""
+        tokens = np.empty(self.seq_len + 1, dtype=np.int64)
+        segments = np.empty(self.seq_len + 1, dtype=np.int64)
+        for seg, (doc, take_from, take, at) in enumerate(self._pieces(index), start=1):
+            tokens[at:at + take] = self.shards.doc(doc)[take_from:take_from + take]
+            segments[at:at + take] = seg
         return tokens, segments
+
+    def _bad_token_error(self, row: int, position: int, value: int) -> InputError:
+        for doc, take_from, take, at in self._pieces(row):
+            if at <= position < at + take:
+                shard, j = self.shards.locate(doc)
+                offset = int(shard.offsets[j]) + take_from + position - at
+                return InputError(f"{shard.bin_path}: token id {value} at token offset {offset} (byte "
+                                  f"{offset * shard.tokens.itemsize}, document {shard.doc_ids[j]!r}) is outside "
+                                  f"the vocabulary of {self.vocab_size}: corrupt shard or wrong tokenizer")
+        raise AssertionError("position outside the row")
 
     def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
         """Model inputs for the given global rows: input_ids, targets (shifted), attention_mask (segments)."""
         toks, segs = zip(*(self.row(i) for i in rows))
-        tokens = torch.from_numpy(np.stack(toks))
+        stacked = np.stack(toks)
+        if self.vocab_size and stacked.size and stacked.max() >= self.vocab_size:
+            r, p = np.argwhere(stacked >= self.vocab_size)[0]
+            raise self._bad_token_error(rows[int(r)], int(p), int(stacked[r, p]))
+        tokens = torch.from_numpy(stacked)
         segments = torch.from_numpy(np.stack(segs))
         targets = tokens[:, 1:].clone()
         targets[segments[:, 1:] != segments[:, :-1]] = IGNORE_INDEX  # never predict across documents

@@ -25,6 +25,7 @@ import torch
 from baichuan2.train.data import LoaderState, PackedDataset, step_rows
 from baichuan2.train.optim import OptimArgs, build_optimizer, lr_at, set_lr
 from baichuan2.train.parallel import DistInfo, ParallelArgs, all_reduce_sum, clip_grad_norm
+from baichuan2.utils.validate import require_ints
 
 
 @dataclass
@@ -32,6 +33,12 @@ class ModelArgs:
     preset: str = "tiny-rope"  # a ModelConfig preset (baichuan2-7b, baichuan2-13b, ladder-*, scaling-*, tiny-*)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change (vocab_size from data)
     init_from: str | None = None  # continue from a HF-layout checkpoint instead of random init
+
+    def __post_init__(self) -> None:  # unknown preset / override key / wrongly typed value: one clear line now
+        from baichuan2.model.config import ModelConfig
+
+        if not self.init_from:
+            ModelConfig.from_name(self.preset, **self.overrides)
 
 
 @dataclass
@@ -45,6 +52,9 @@ class DataArgs:
     # Read each epoch's rows in a seeded random order (Megatron's shuffle index); False keeps stream order,
     # where consecutive rows continue the same document.
     shuffle_rows: bool = True
+
+    def __post_init__(self) -> None:
+        require_ints(self, "data", "seq_len", "val_rows")
 
 
 @dataclass
@@ -64,6 +74,10 @@ class TrainArgs:
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = default)
 
+    def __post_init__(self) -> None:
+        require_ints(self, "train", "global_batch_tokens", "micro_batch_size", "log_every", "max_bad_steps")
+        require_ints(self, "train", "max_steps", "max_tokens", "stop_after", "eval_every", "threads", minimum=0)
+
 
 @dataclass
 class CheckpointArgs:
@@ -72,6 +86,9 @@ class CheckpointArgs:
     release_every_tokens: int = 0  # release a HF checkpoint each time this many more tokens are seen
     release_final: bool = True
     release_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    def __post_init__(self) -> None:
+        require_ints(self, "checkpoint", "save_every", "keep_last", "release_every_tokens", minimum=0)
 
 
 @dataclass
