@@ -75,11 +75,13 @@ def headline(name: str, r: dict) -> str:
         m, s = r.get("minhash", {}), r.get("semantic", {})
         read = r.get("input_docs")
         kept = f"{r.get('output_docs', 0):,} documents kept" + (f" of {read:,} read" if read else "")
-        return (f"{kept}; removed {_num(m.get('exact_dups'))} exact, {_num(m.get('near_dups'))} near and "
-                f"{_num(s.get('semantic_dups'))} semantic duplicates")
+        semantic = (f"{_num(s.get('semantic_dups'))} semantic duplicates" if s.get("enabled", True)
+                    else "no semantic duplicates (embedding clustering off)")
+        return f"{kept}; removed {_num(m.get('exact_dups'))} exact, {_num(m.get('near_dups'))} near and {semantic}"
     if name == "tokenizer":
         comp = r.get("compression", {})
-        parts = [f"{k} {v['tokens_per_char']:.3f}" for k, v in comp.items() if k != "all"]
+        main = [k for k in ("lang:en", "lang:zh", "source:code", "en", "zh") if k in comp]  # not all 50 languages
+        parts = [f"{k} {comp[k]['tokens_per_char']:.3f}" for k in main]
         return (f"{comp.get('all', {}).get('tokens_per_char', float('nan')):.3f} tokens/char overall"
                 + (f" ({', '.join(parts)})" if parts else ""))
     if name == "tokens":
@@ -144,9 +146,10 @@ def body(name: str, r: dict, out: Path) -> str:
         return "\n".join(lines)
     if name == "tokenizer":
         comp = r.get("compression", {})
-        return "\n".join(["Tokens per character (lower is better) and bytes per token:", ""] +
-                         [f"- **{md_escape(k)}**: {v['tokens_per_char']:.3f} tokens/char, "
-                          f"{v['bytes_per_token']:.2f} bytes/token" for k, v in comp.items()])
+        return "\n".join(["Tokens per character (lower is better) and bytes per token, per language tag and source:",
+                          "", "| group | tokens/char | bytes/token |", "|---|---:|---:|"] +
+                         [f"| {md_escape(k)} | {v['tokens_per_char']:.3f} | {v['bytes_per_token']:.2f} |"
+                          for k, v in comp.items()])
     if name == "pretrain":
         rel = r.get("releases", [])
         return "\n".join([f"Released checkpoints in `pretrain/release/`: {', '.join(f'`{x}`' for x in rel) or 'none'}.",
