@@ -1,9 +1,9 @@
 """The pipeline's results page: ``summary.md`` and ``index.html``, rewritten after every stage.
 
 Each finished stage becomes one section (Markdown text plus figures); the same sections give
-``summary.md`` (for a terminal or a Git forge) and ``index.html`` (Markdown rendered by markdown-it,
-laid out by the Jinja template ``assets/index.html.j2``). A stage adds a figure to its section by
-returning ``{"figures": [{"path": "x.png", "title": "...", "caption": "..."}]}`` (paths relative
+``summary.md`` (for a terminal or a Git forge) and ``index.html`` (Markdown rendered by markdown-it
+through the web chat's renderer, serve/markdown.py, into the Jinja template ``assets/index.html.j2``).
+A stage adds a figure to its section by returning ``{"figures": [{"path": "x.png", "title": "...", "caption": "..."}]}`` (paths relative
 to the run directory) in its result; the stage functions here add the standard ones.
 """
 
@@ -202,7 +202,8 @@ def write_page(out: Path, stages: dict, order: list[str], running: str | None = 
                interrupted: bool = False, total_seconds: float | None = None) -> None:
     """Write summary.md and index.html for what has run so far (atomically; called after every stage)."""
     import jinja2
-    from markdown_it import MarkdownIt
+
+    from baichuan2.serve.markdown import render_markdown  # the web chat's renderer: markdown-it, no raw HTML
 
     secs = sections(out, stages, order, running, interrupted)
     done = sum(s.status == "done" for s in secs)
@@ -221,12 +222,11 @@ def write_page(out: Path, stages: dict, order: list[str], running: str | None = 
         md += ["", "## Next", "", fenced(commands, "bash")]
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
 
-    renderer = MarkdownIt("commonmark", {"html": False, "typographer": False}).enable("table")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "assets"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     html = env.get_template("index.html.j2").render(
         state=state, finished=done == len(secs), interrupted=interrupted, total_seconds=total_seconds,
-        sections=[{**s.__dict__, "headline_html": renderer.renderInline(s.headline), "body_html": renderer.render(s.body)}
+        sections=[{**s.__dict__, "headline_html": render_markdown(s.headline), "body_html": render_markdown(s.body)}
                   for s in secs],
-        next_html=renderer.render(fenced(commands, "bash")) if commands else "")
+        next_html=render_markdown(fenced(commands, "bash")) if commands else "")
     atomic_write_text(out / "index.html", html)
