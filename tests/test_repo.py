@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 import subprocess
@@ -103,3 +104,13 @@ def test_file_arguments_accept_one_bare_path():
                 assert "str | list[str]" in str(p.annotation), f"{verb} {sub}: {p.name} is {p.annotation}"
     cfg = recipe_parser("eval", "ppl").parse_args(["ckpt", "held_out.jsonl"])
     assert cfg.inputs == "held_out.jsonl"
+
+
+def test_ci_fails_a_test_skipped_for_a_missing_package(tmp_path):
+    """tests/conftest.py turns an importorskip of an absent package into a failure when CI=true."""
+    (tmp_path / "test_skips.py").write_text('import pytest\n\ndef test_x():\n    pytest.importorskip("no_such_package_b2")\n')
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    assert subprocess.run(run, cwd=REPO, env=env, capture_output=True).returncode == 0
+    failed = subprocess.run(run, cwd=REPO, env={**env, "CI": "true"}, capture_output=True, text=True)
+    assert failed.returncode == 1 and "skipped for a missing package" in failed.stdout

@@ -19,9 +19,19 @@ def _plot_histogram(hist: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted(int(k) for k in hist)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([str(s) for s in sizes], [hist[s] if s in hist else hist[str(s)] for s in sizes], color="#3a6ea5")
+    counts = {int(k): int(v) for k, v in hist.items()}
+    # sizes 1-4 alone, then doubling bins (5-8, 9-16, ...): a label per bar that stays readable
+    def label(size: int) -> str:
+        hi = 1 << (size - 1).bit_length()
+        return str(size) if size <= 4 else f"{hi // 2 + 1}–{hi}"
+
+    bins = {label(s): 0 for s in [*range(1, 5), *(1 << k for k in range(3, max(counts).bit_length() + 1))]
+            if s <= max(1 << (max(counts) - 1).bit_length(), 1)}  # empty bins shown too: the axis stays honest
+    for size, n in counts.items():
+        bins[label(size)] += n
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.bar(list(bins), list(bins.values()), color="#3a6ea5")
+    ax.tick_params(axis="x", labelrotation=30 if len(bins) > 8 else 0, labelsize=9)
     ax.set_yscale("log")
     ax.set_xlabel("cluster size (documents)")
     ax.set_ylabel("clusters")

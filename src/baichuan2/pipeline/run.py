@@ -12,19 +12,26 @@ interrupted run continues with the first unfinished stage, and the tools inside 
   sample     generate from the released checkpoint                             (baichuan2 generate)
   sft        fine-tune on the bundled dialogues (assistant-only loss); ask it   (baichuan2 sft)
   eval       held-out perplexity; 5-shot CMMLU/MMLU slice if the files exist  (baichuan2 eval)
-  summary    index.html + summary.md with the plots embedded
+  index.html + summary.md are rewritten after every stage (pipeline/page.py)
+
+Interrupted (Ctrl-C, a kill, a crash), the same command continues: finished stages are skipped,
+pretraining and every scaling rung resume from their last training checkpoint (``checkpoint_every``
+steps), the data pipeline and the benchmark scorer from their own partial outputs.
 """
 
 from __future__ import annotations
 
-import html
 import json
+import os
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from baichuan2.pipeline.page import DESCRIPTIONS, headline, plain, write_page
 from baichuan2.pipeline.scaling_cli import LadderArgs
-from baichuan2.utils.io import atomic_write_json, atomic_write_text, read_json
+from baichuan2.utils.io import atomic_write_json, read_json
 
 
 @dataclass
@@ -40,6 +47,8 @@ class PipelineRecipe:
         val_fraction: Share of documents held out (by doc_id hash) for the validation loss the scaling fit uses.
         ladder: Scaling ladder; its target is the main pretrained model (same recipe as the rungs).
         release_every_tokens: Release a HF checkpoint of the main model every this many tokens.
+        checkpoint_every: Steps between training checkpoints of the main model and of each scaling rung
+            (an interrupted run resumes from the last one).
         sample_prompt: Prompt for the sample generation at the end.
         sft_epochs: Passes over the bundled dialogues in the SFT stage.
         sft_lr: SFT peak learning rate.
@@ -59,27 +68,13 @@ class PipelineRecipe:
     val_fraction: float = 0.03
     ladder: LadderArgs = field(default_factory=LadderArgs)
     release_every_tokens: int = 300_000
+    checkpoint_every: int = 100
     sample_prompt: str = "def read_file(path):\n"
     sft_epochs: int = 2
     sft_lr: float = 1e-3
     chat_prompts: list[str] = field(default_factory=lambda: ["What is your name?", "你好吗？"])
     bench_dir: str = "../shared/data/bench"
     eval_limit: int = 2
-
-
-def _stage(out: Path, name: str, fn, *args):
-    """Run a stage once; its result (a JSON-able dict) is the done marker."""
-    marker = out / "stages" / f"{name}.json"
-    if marker.exists():
-        print(f"[{name}] done earlier, skipping")
-        return read_json(marker)
-    print(f"[{name}] starting", flush=True)
-    t0 = time.time()
-    result = fn(*args) or {}
-    result["seconds"] = round(time.time() - t0, 1)
-    atomic_write_json(marker, result)
-    print(f"[{name}] finished in {result['seconds']} s", flush=True)
-    return result
 
 
 def stage_corpus(r: PipelineRecipe, out: Path) -> dict:
@@ -99,9 +94,13 @@ def stage_data(r: PipelineRecipe, out: Path) -> dict:
                                         max_chars=r.embed_max_chars, clusters=32),
                         score=ScoreArgs(source_weights={"docs": 1.0, "code": 1.0, "dialog": 0.5, "zh": 1.5}))
     rep = run_pipeline(recipe)
-    return {"output_docs": rep["output_docs"], "minhash": {k: v for k, v in rep["minhash"].items()
-                                                           if k != "cluster_size_hist"},
-            "semantic": rep["semantic"], "output_by_source": rep["output_by_source"]}
+    corpus = read_json(out / "stages" / "corpus.json")["sources"]
+    return {"input_docs": sum(v["docs"] for v in corpus.values()), "output_docs": rep["output_docs"],
+            "minhash": {k: v for k, v in rep["minhash"].items() if k != "cluster_size_hist"},
+            "semantic": rep["semantic"], "output_by_source": rep["output_by_source"],
+            "output_by_language": rep.get("output_by_language", {}),
+            "figures": [{"path": "data/cluster_sizes.png", "title": "MinHash near-duplicate cluster sizes",
+                         "caption": "clusters of each size (log scale); size 1 = no near duplicate"}]}
 
 
 def stage_tokenizer(r: PipelineRecipe, out: Path) -> dict:
@@ -162,21 +161,66 @@ def stage_pretrain(r: PipelineRecipe, out: Path) -> dict:
 
     _, target = _ladder(r, out)
     run_dir = out / "pretrain"
-    result = train_rung(_ladder_args(r, out), target, str(out / "tokens"), run_dir,
-                        evals=12, release_every_tokens=r.release_every_tokens, release_final=True, save_every=50)
+    print(f"[pretrain] {target.name}: {target.params:,} non-embedding parameters, {target.tokens:,} tokens; "
+          f"checkpoint every {r.checkpoint_every} steps (an interrupted run resumes from the last)", flush=True)
+    result = train_rung(_ladder_args(r, out), target, str(out / "tokens"), run_dir, evals=12,
+                        release_every_tokens=r.release_every_tokens, release_final=True, save_every=r.checkpoint_every)
     plot_runs([str(run_dir)], str(out / "loss.png"), keys=("loss", "lr", "grad_norm", "tokens_per_s"), smooth=5)
     releases = sorted(p.name for p in (run_dir / "release").iterdir()) if (run_dir / "release").exists() else []
-    return {**result, "releases": releases}
+    return {**result, "releases": releases,
+            "figures": [{"path": "loss.png", "title": "Pretraining curves",
+                         "caption": "training loss (smoothed over 5 logged points) with the held-out loss, learning "
+                                    "rate, gradient norm and throughput per step"}]}
+
+
+def _seconds_left(done: list[tuple[float, float, float]], todo: list[tuple[float, float]]) -> float | None:
+    """Time left for runs of (tokens, flops per token), from finished runs' (tokens, flops per token, seconds):
+    seconds per token = overhead + cost * flops per token, fitted on the finished runs (with one, all of
+    its time per token counts as overhead: an upper bound for the smaller rungs)."""
+    import numpy as np
+
+    if not done or not todo:
+        return None
+    tokens, fpt, secs = (np.array(v, dtype=float) for v in zip(*done))
+    per_token = secs / tokens
+    if len(set(fpt)) >= 2:
+        (overhead, cost), *_ = np.linalg.lstsq(np.stack([np.ones_like(fpt), fpt], 1), per_token, rcond=None)
+        overhead, cost = max(overhead, 0.0), max(cost, 0.0)
+    else:
+        overhead, cost = float(per_token.max()), 0.0
+    return float(sum(t * (overhead + cost * f) for t, f in todo))
 
 
 def stage_scaling(r: PipelineRecipe, out: Path) -> dict:
     from baichuan2.pipeline.scaling_cli import fit_results, train_rung
 
     rungs, target = _ladder(r, out)
-    results = [train_rung(_ladder_args(r, out), rung, str(out / "tokens"), out / "scaling" / "rungs" / rung.name) for rung in rungs]
-    actual = read_json(out / "pretrain" / "result.json")
-    s = fit_results(results, target, out / "scaling", actual)
-    return {k: s[k] for k in ("fit", "predicted_loss", "prediction_interval_5_95", "actual_loss", "relative_error")}
+    main = read_json(out / "stages" / "pretrain.json")
+    timing = [(target.tokens, target.flops / target.tokens, main["seconds"])] if main.get("seconds") else []
+    results = []
+    for i, rung in enumerate(rungs):
+        run_dir = out / "scaling" / "rungs" / rung.name
+        trained_now = not (run_dir / "result.json").exists()
+        if trained_now:
+            left = _seconds_left(timing, [(x.tokens, x.flops / x.tokens) for x in rungs[i:]])
+            eta = f"; about {left / 60:.1f} min left for the ladder" if left is not None else ""
+            print(f"[scaling] rung {i + 1}/{len(rungs)}: {rung.name}, {rung.params:,} non-embedding parameters, "
+                  f"{rung.tokens:,} tokens{eta}", flush=True)
+        t0 = time.time()
+        results.append(train_rung(_ladder_args(r, out), rung, str(out / "tokens"), run_dir,
+                                  save_every=r.checkpoint_every, release_final=False))
+        if trained_now:
+            timing.append((rung.tokens, rung.flops / rung.tokens, time.time() - t0))
+    print("[scaling] fitting L(C) and bootstrapping its prediction interval", flush=True)
+    s = fit_results(results, target, out / "scaling", main, progress=True)
+    rows = [{"name": x["name"], "params": x["params"], "tokens": x["tokens"], "flops": x["flops"],
+             "loss": x[s["loss_key"]]} for x in results]
+    return {**{k: s[k] for k in ("fit", "predicted_loss", "prediction_interval_5_95", "actual_loss", "relative_error",
+                                 "loss_key")}, "rungs": rows,
+            "figures": [{"path": "scaling/scaling_law.png", "title": "Scaling law",
+                         "caption": f"each rung's {'held-out' if s['loss_key'] == 'val_loss' else 'training'} loss against "
+                                    "training compute; the fit, "
+                                    "its bootstrap 5-95% band, and the main model's predicted and actual loss"}]}
 
 
 def stage_sample(r: PipelineRecipe, out: Path) -> dict:
@@ -205,6 +249,9 @@ def stage_sft(r: PipelineRecipe, out: Path) -> dict:
     convs = [d["messages"] for d in chatterbot_documents() if d["doc_id"].split(":")[1].split("/")[0]
              in ("english", "chinese")]
     args = SFTArgs(max_length=r.ladder.seq_len, epochs=r.sft_epochs, batch_size=16, lr=r.sft_lr, val_fraction=0.05)
+    old_log = out / "sft-logs" / "metrics.jsonl"
+    if old_log.exists():  # SFT restarts from its first step: keep the interrupted session's log beside the new one
+        old_log.replace(old_log.with_name(f"metrics.interrupted-{int(old_log.stat().st_mtime)}.jsonl"))
     m = sft(load_pretrained(ckpt), Tokenizer.from_pretrained(ckpt), convs, out / "sft", args)
     engine = Engine(str(out / "sft"))
     cfg = engine.sampling(temperature=0, max_new_tokens=32)
@@ -240,140 +287,107 @@ def stage_eval(r: PipelineRecipe, out: Path) -> dict:
     return result
 
 
-def write_summary(out: Path, stages: dict) -> None:
-    d, t, p, s, smp = (stages.get(k, {}) for k in ("data", "tokenizer", "pretrain", "scaling", "sample"))
-    comp = t.get("compression", {})
-    md = ["# Baichuan 2 pipeline run", "",
-          "| stage | seconds | result |", "|---|---|---|"]
-    notes = {
-        "corpus": ", ".join(f"{k}: {v['docs']} docs" for k, v in stages.get("corpus", {}).get("sources", {}).items()),
-        "data": f"{d.get('output_docs')} docs kept; exact dups {d.get('minhash', {}).get('exact_dups')}, near dups "
-                f"{d.get('minhash', {}).get('near_dups')}, semantic dups {d.get('semantic', {}).get('semantic_dups')}",
-        "tokenizer": f"{comp.get('all', {}).get('tokens_per_char', 0):.3f} tokens/char overall",
-        "tokens": f"{stages.get('tokens', {}).get('tokens', 0):,} training tokens, "
-                  f"{stages.get('tokens', {}).get('val_tokens', 0):,} held out",
-        "pretrain": f"{p.get('tokens', 0):,} tokens, final loss {p.get('smoothed_loss', 0):.4f} (train, smoothed), "
-                    f"{p.get('val_loss') or 0:.4f} (held out); "
-                    f"{len(p.get('releases', []))} released checkpoints",
-        "scaling": f"predicted {s.get('predicted_loss', 0):.4f} vs actual {s.get('actual_loss', 0):.4f} "
-                   f"({100 * s.get('relative_error', 0):.2f}% error)",
-        "sample": f"{smp.get('new_tokens', 0)} tokens generated",
-        "sft": f"{stages.get('sft', {}).get('train_conversations', 0)} conversations; held-out assistant loss "
-               f"{stages.get('sft', {}).get('val_loss_before') or 0:.3f} -> {stages.get('sft', {}).get('val_loss_after') or 0:.3f}",
-        "eval": _eval_note(stages.get("eval", {})),
-    }
-    for name, note in notes.items():
-        if name in stages:
-            md.append(f"| {name} | {stages[name].get('seconds', '')} | {note} |")
-    md += ["", "## Data", "", "Report: [data/report.md](data/report.md)", "", "![cluster sizes](data/cluster_sizes.png)",
-           "", "## Tokenizer (tokens per character, lower is better)", ""]
-    md += [f"- {k}: {v['tokens_per_char']:.3f} ({v['bytes_per_token']:.2f} bytes/token)" for k, v in comp.items()]
-    md += ["", "## Pretraining", "", "![loss](loss.png)", "", f"Released checkpoints in pretrain/release/: "
-           + ", ".join(p.get("releases", [])), "", "## Scaling law", "", "![scaling law](scaling/scaling_law.png)", ""]
-    if s:
-        f = s["fit"]
-        md.append(f"L(C) = {f['a']:.4g}·(C/{f['c0']:.3g})^{f['b']:.4f} + {f['l_inf']:.4f}; predicted "
-                  f"{s['predicted_loss']:.4f}, actual {s['actual_loss']:.4f}, error {100 * s['relative_error']:.2f}%")
-    if smp:
-        md += ["", "## Sample from the final checkpoint", "", "```", smp["prompt"] + smp["completion"], "```"]
-    sft_stage = stages.get("sft", {})
-    if sft_stage:
-        md += ["", "## Chat model (SFT on the bundled dialogues, greedy answers)", ""]
-        md += [f"- {q} → {a!r}" for q, a in sft_stage.get("answers", {}).items()]
-    ckpt = smp.get("checkpoint", str(out / "pretrain" / "release" / "final"))
-    chat_ckpt = sft_stage.get("checkpoint", ckpt)
-    md += ["", "## Next", "", f"    baichuan2 chat {chat_ckpt}", f"    baichuan2 serve {chat_ckpt}",
-           f"    baichuan2 generate {ckpt} 'def read_file(path):'", ""]
-    text = "\n".join(md)
-    atomic_write_text(out / "summary.md", text)
-    atomic_write_text(out / "index.html", _html(text))
-
-
-def _eval_note(e: dict) -> str:
-    parts = []
-    if "heldout" in e:
-        parts.append(f"held-out perplexity {e['heldout']['perplexity']:.1f} ({e['heldout']['bits_per_byte']:.3f} bits/byte)")
-    for name in ("cmmlu", "mmlu"):
-        if "accuracy" in e.get(name, {}):
-            parts.append(f"{name} 5-shot {e[name]['accuracy']:.1f}% on {e[name]['n']} questions (chance 25%)")
-        elif name in e:
-            parts.append(f"{name} skipped (no benchmark files)")
-    return "; ".join(parts)
-
-
-def _html(md: str) -> str:
-    """Minimal markdown -> HTML (headings, images, tables, code) so the summary needs no extra package."""
-    out, in_code, in_table = [], False, False
-    for line in md.splitlines():
-        if line.startswith("```"):
-            out.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            out.append(html.escape(line))
-            continue
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
-                continue
-            if not in_table:
-                out.append("<table border=1 cellpadding=4>")
-                in_table = True
-            out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            out.append(f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}" width="720"></p>')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("    "):
-            out.append(f"<pre>{html.escape(line.strip())}</pre>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    return "<!doctype html><meta charset=utf-8><title>Baichuan 2 pipeline</title><body>" + "\n".join(out) + "</body>"
-
-
 STAGES = [("corpus", stage_corpus), ("data", stage_data), ("tokenizer", stage_tokenizer), ("tokens", stage_tokens),
           ("pretrain", stage_pretrain), ("scaling", stage_scaling), ("sample", stage_sample), ("sft", stage_sft),
           ("eval", stage_eval)]
 
 
-def run_all(recipe: PipelineRecipe) -> dict:
+def _silence_library_progress() -> None:
+    """Loading a model prints a "Loading weights" bar per load (transformers/safetensors); the stages
+    print their own progress. The environment variable reaches worker processes too."""
+    import logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # bitsandbytes (imported by peft) warns on every import that an optional kernel hub package is absent
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
+def _resume_command(out: Path) -> str:
+    argv = sys.argv[1:]
+    if argv[:1] == ["pipeline"]:
+        return shlex.join(["baichuan2", *argv])
+    return f"baichuan2 pipeline --out_dir {shlex.quote(str(out))}"
+
+
+def _same_recipe(saved: dict, recipe: dict) -> bool:
+    """out_dir may differ (a moved run directory is the same run); everything else must match."""
+    return {k: v for k, v in saved.items() if k != "out_dir"} == {k: v for k, v in recipe.items() if k != "out_dir"}
+
+
+def run_all(recipe: PipelineRecipe, until: str = "") -> dict:
+    """Run (or continue) the stages in order, up to and including ``until``; rewrite the page after each."""
     out = Path(recipe.out_dir)
+    names = [name for name, _ in STAGES]
+    if until and until not in names:
+        raise SystemExit(f"pipeline: unknown stage {until!r} (stages: {', '.join(names)})")
+    order = names[: names.index(until) + 1] if until else names
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "recipe.json"
-    if saved.exists() and read_json(saved) != json.loads(json.dumps(asdict(recipe))):
+    wanted = json.loads(json.dumps(asdict(recipe)))
+    if saved.exists() and not _same_recipe(read_json(saved), wanted):
         raise SystemExit(f"pipeline: {out} was started with a different recipe; use another --out_dir")
-    atomic_write_json(saved, asdict(recipe))
+    atomic_write_json(saved, wanted)
+    _silence_library_progress()
     t0 = time.time()
-    stages = {name: _stage(out, name, fn, recipe, out) for name, fn in STAGES}
-    write_summary(out, stages)
-    print(f"pipeline finished in {time.time() - t0:.0f} s (this session): open {out / 'index.html'} or {out / 'summary.md'}")
-    print(f"chat with the fine-tuned model:  baichuan2 chat {stages['sft']['checkpoint']}")
+    stages: dict[str, dict] = {}
+    for k, (name, fn) in enumerate(STAGES[: len(order)], 1):
+        marker = out / "stages" / f"{name}.json"
+        if marker.exists():
+            stages[name] = read_json(marker)
+            print(f"[{name} {k}/{len(order)}] done earlier: {plain(headline(name, stages[name]))}", flush=True)
+            continue
+        print(f"[{name} {k}/{len(order)}] {DESCRIPTIONS[name]}", flush=True)
+        write_page(out, stages, order, running=name, total_seconds=time.time() - t0)
+        started = time.time()
+        try:
+            result = fn(recipe, out) or {}
+        except KeyboardInterrupt:
+            _close_progress_bars()  # else a bar redraws itself after the message at exit
+            write_page(out, stages, order, running=name, interrupted=True, total_seconds=time.time() - t0)
+            print(f"\npipeline: interrupted during {name}; finished stages and checkpoints are kept. "
+                  f"To continue, run the same command: {_resume_command(out)}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        result["seconds"] = round(time.time() - started, 1)
+        atomic_write_json(marker, result)
+        stages[name] = result
+        print(f"[{name} {k}/{len(order)}] finished in {result['seconds']} s: {plain(headline(name, result))}", flush=True)
+        write_page(out, stages, order, total_seconds=time.time() - t0)
+    print(f"pipeline: {len(stages)} stages done, {time.time() - t0:.0f} s in this session; open "
+          f"{out / 'index.html'} or {out / 'summary.md'}")
+    if "sft" in stages:
+        print(f"chat with the fine-tuned model:  baichuan2 chat {stages['sft']['checkpoint']}")
     return stages
 
 
-def pipeline(out_dir: str = "runs/pipeline", recipe: PipelineRecipe = PipelineRecipe()) -> None:
+def pipeline(out_dir: str = "runs/pipeline", recipe: PipelineRecipe = PipelineRecipe(), until: str = "") -> None:
     """Run the whole Baichuan 2 recipe on the bundled offline corpus and write a browsable run directory.
 
     corpus -> data (filters, exact/MinHash/semantic dedup, scores) -> tokenizer (+ compression stats) ->
     token shards -> pretraining with released checkpoints -> scaling-law ladder predicting the main run ->
-    sample generation -> SFT on dialogues -> perplexity and a 5-shot slice -> index.html / summary.md with
-    the plots. Interrupt it at any time and run the same command again to continue. About 12 minutes on
-    2 CPU cores.
+    sample generation -> SFT on dialogues -> perplexity and a 5-shot slice, with index.html / summary.md
+    rewritten after every stage. Interrupt it at any time (Ctrl-C or a kill) and run the same command
+    again to continue: finished stages are skipped and training resumes from its last checkpoint.
+    About 12 minutes on 2 idle CPU cores.
 
     Args:
         out_dir: Run directory (overrides recipe.out_dir).
         recipe: Pipeline settings (`--config src/baichuan2/recipes/pipeline-default.yaml` or flags).
+        until: Stop after this stage (corpus, data, tokenizer, tokens, pretrain, scaling, sample, sft, eval).
     """
     recipe.out_dir = out_dir
-    run_all(recipe)
+    run_all(recipe, until)
 
 
 COMMANDS = pipeline

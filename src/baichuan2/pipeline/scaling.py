@@ -80,8 +80,11 @@ def _model(params: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def fit_scaling_law(compute: Sequence[float], loss: Sequence[float], c0: float | None = None,
-                    l_inf_bounds: tuple[float, float] | None = None) -> ScalingFit:
-    """Fit ``L = a (C/c0)^b + L_inf`` by robust least squares (needs >= 3 points)."""
+                    l_inf_bounds: tuple[float, float] | None = None, start: ScalingFit | None = None) -> ScalingFit:
+    """Fit ``L = a (C/c0)^b + L_inf`` by robust least squares (needs >= 3 points).
+
+    The problem is non-convex, so it starts from several L_inf guesses; ``start`` (a nearby fit, as in
+    the bootstrap) replaces them with one start there."""
     from scipy.optimize import least_squares
 
     c = np.asarray(compute, dtype=float)
@@ -96,12 +99,17 @@ def fit_scaling_law(compute: Sequence[float], loss: Sequence[float], c0: float |
     x = c / c0
     lo, hi = l_inf_bounds or (0.0, float(y.min()) - 1e-6)
     hi = max(hi, lo + 1e-6)
+    starts = []
+    if start is not None:
+        starts.append(np.array([math.log(max(start.a, 1e-8)), start.b, start.l_inf]))
+    else:
+        for l_start in np.linspace(lo, hi, 7)[:-1] + (hi - lo) * 0.05:
+            span = max(float(y.max() - l_start), 1e-6)
+            starts.append(np.array([math.log(min(span, max(float(y[np.argmin(x)] - l_start), 1e-6))), -0.1, l_start]))
     best = None
-    for l_start in np.linspace(lo, hi, 7)[:-1] + (hi - lo) * 0.05:  # several starts: the problem is non-convex
-        span = max(float(y.max() - l_start), 1e-6)
-        start = np.array([math.log(max(float(y[np.argmin(x)]) - l_start, 1e-6)), -0.1, l_start])
-        start[0] = math.log(min(span, max(float(y[np.argmin(x)] - l_start), 1e-6)))
-        res = least_squares(lambda p: _model(p, x) - y, start, loss="soft_l1", f_scale=0.01,
+    for p0 in starts:
+        p0 = np.clip(p0, [-20.0, -3.0, lo], [20.0, 0.0, hi])
+        res = least_squares(lambda p: _model(p, x) - y, p0, loss="soft_l1", f_scale=0.01,
                             bounds=([-20.0, -3.0, lo], [20.0, 0.0, hi]))
         if best is None or res.cost < best.cost:
             best = res
@@ -120,29 +128,44 @@ def fit_scaling_law(compute: Sequence[float], loss: Sequence[float], c0: float |
                       n_points=len(y))
 
 
-def prediction_interval(fit: ScalingFit, compute: Sequence[float], loss: Sequence[float], target: float,
-                        samples: int = 200, seed: int = 0) -> tuple[float, float]:
-    """5-95% interval of the predicted loss at ``target`` compute by parametric bootstrap of the residuals."""
+def bootstrap_fits(fit: ScalingFit, compute: Sequence[float], loss: Sequence[float], samples: int = 200,
+                   seed: int = 0, progress: bool = False) -> list[ScalingFit]:
+    """Parametric bootstrap: refit ``samples`` copies of the fitted curve plus Gaussian noise of the fit's
+    rms residual (each refit starts from the fit, so it takes milliseconds)."""
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     c = np.asarray(compute, dtype=float)
     base = fit.predict(c)
     sigma = max(fit.residual_rms, 1e-6)
-    preds = []
-    for _ in range(samples):
+    fits = []
+    for _ in tqdm(range(samples), desc="bootstrapping the fit", unit="fit", disable=not progress, leave=False):
         noisy = base + rng.normal(0.0, sigma, size=len(c))
         try:
-            preds.append(float(fit_scaling_law(c, noisy, c0=fit.c0).predict(target)))
+            fits.append(fit_scaling_law(c, noisy, c0=fit.c0, start=fit))
         except (ValueError, RuntimeError):
             continue
-    if not preds:
+    return fits
+
+
+def prediction_interval(fit: ScalingFit, compute: Sequence[float], loss: Sequence[float], target: float,
+                        samples: int = 200, seed: int = 0, fits: list[ScalingFit] | None = None) -> tuple[float, float]:
+    """5-95% interval of the predicted loss at ``target`` compute by parametric bootstrap of the residuals."""
+    fits = bootstrap_fits(fit, compute, loss, samples, seed) if fits is None else fits
+    if not fits:
         return float("nan"), float("nan")
+    preds = [float(f.predict(target)) for f in fits]
     return float(np.percentile(preds, 5)), float(np.percentile(preds, 95))
 
 
 def plot_scaling_law(path: str | Path, compute: Sequence[float], loss: Sequence[float], fit: ScalingFit,
                      labels: Sequence[str] | None = None, target: tuple[str, float] | None = None,
-                     actual: float | None = None, interval: tuple[float, float] | None = None) -> Path:
-    """Log-x plot of the ladder's final losses, the fitted curve and the prediction."""
+                     actual: float | None = None, interval: tuple[float, float] | None = None,
+                     band: Sequence[ScalingFit] = (), loss_name: str = "held-out loss") -> Path:
+    """Log-x plot of the ladder's losses, the fitted curve with its bootstrap 5-95% band, and the prediction.
+
+    The y-axis spans the data (points, prediction, actual), not zero: the curve's interesting part is a
+    few hundredths of a nat, and L_inf is named in the legend rather than drawn far below the points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,33 +174,46 @@ def plot_scaling_law(path: str | Path, compute: Sequence[float], loss: Sequence[
     from baichuan2.utils.io import atomic_open
 
     c = np.asarray(compute, dtype=float)
+    y = np.asarray(loss, dtype=float)
     right = max(c.max(), target[1] if target else c.max()) * 2
     grid = np.logspace(math.log10(c.min() / 2), math.log10(right), 200)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    if band:
+        curves = np.array([f.predict(grid) for f in band])
+        ax.fill_between(grid, np.percentile(curves, 5, axis=0), np.percentile(curves, 95, axis=0), color="tab:blue",
+                        alpha=0.15, linewidth=0, label="fit, bootstrap 5-95% band")
     ax.plot(grid, fit.predict(grid), "-", color="tab:blue",
-            label=f"fit: L = {fit.a:.3g}(C/{fit.c0:.2g})^{fit.b:.3f} + {fit.l_inf:.3f}")
-    ax.scatter(c, loss, color="tab:blue", zorder=3, label="ladder (final loss)")
+            label=f"fit: L = {fit.a:.3g}·(C/{fit.c0:.2g})^{fit.b:.3f} + {fit.l_inf:.3f} (L∞)")
+    ax.scatter(c, y, color="tab:blue", zorder=3, label=f"ladder rungs ({loss_name})")
     for i, name in enumerate(labels or []):
-        ax.annotate(name, (c[i], loss[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(name, (c[i], y[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    shown = list(y)
     if target:
         name, tc = target
         pred = float(fit.predict(tc))
-        if interval:
-            ax.errorbar([tc], [pred], yerr=[[pred - interval[0]], [interval[1] - pred]], fmt="*", color="tab:red",
-                        markersize=12, capsize=4, label=f"predicted {name}: {pred:.3f}")
+        shown.append(pred)
+        if interval and all(math.isfinite(v) for v in interval):
+            ax.errorbar([tc], [pred], yerr=[[max(pred - interval[0], 0)], [max(interval[1] - pred, 0)]], fmt="*",
+                        color="tab:red", markersize=13, capsize=5, zorder=4,
+                        label=f"predicted {name}: {pred:.3f} (5-95%: {interval[0]:.3f}-{interval[1]:.3f})")
+            shown += list(interval)
         else:
-            ax.scatter([tc], [pred], marker="*", s=160, color="tab:red", label=f"predicted {name}: {pred:.3f}")
+            ax.scatter([tc], [pred], marker="*", s=160, color="tab:red", zorder=4, label=f"predicted {name}: {pred:.3f}")
         if actual is not None:
-            ax.scatter([tc], [actual], marker="x", s=80, color="black", zorder=4, label=f"actual {name}: {actual:.3f}")
-    ax.axhline(fit.l_inf, color="gray", linestyle=":", linewidth=1, label=f"L_inf = {fit.l_inf:.3f}")
+            ax.scatter([tc], [actual], marker="x", s=90, color="black", zorder=5,
+                       label=f"actual {name}: {actual:.3f} ({100 * abs(pred - actual) / actual:.2f}% error)")
+            shown.append(actual)
+    lo, hi = min(shown), max(shown)
+    pad = max(0.08 * (hi - lo), 0.01)
+    ax.set_ylim(lo - pad, hi + pad)
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel("final loss")
-    ax.set_title("Scaling law L(C) = a C^b + L_inf")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_ylabel(loss_name)
+    ax.set_title("Scaling law L(C) = a·C^b + L∞, fitted on the ladder, extrapolated to the target")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # off the points
     path = Path(path)
     with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

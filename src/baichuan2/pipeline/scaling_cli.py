@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from baichuan2.pipeline.scaling import Rung, fit_scaling_law, plan_ladder, plot_scaling_law, prediction_interval
+from baichuan2.pipeline.scaling import (Rung, bootstrap_fits, fit_scaling_law, plan_ladder, plot_scaling_law,
+                                       prediction_interval)
 from baichuan2.utils.io import InputError, atomic_write_json, read_json
 
 
@@ -114,14 +115,17 @@ def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, evals: 
 
 
 def train_rung(args: LadderArgs, rung: Rung, shards: str, run_dir: str | Path, evals: int = 1, **checkpoint) -> dict:
-    """Train one rung unless its result.json exists; returns the result record."""
+    """Train one rung unless its result.json exists, resuming from its last training checkpoint (so an
+    interrupted ladder or pipeline continues where it stopped); returns the result record."""
+    from dataclasses import replace
+
     from baichuan2.train.trainer import pretrain
 
     run_dir = Path(run_dir)
     result_file = run_dir / "result.json"
     if result_file.exists():
         return read_json(result_file)
-    res = pretrain(rung_config(args, rung, shards, str(run_dir), evals, **checkpoint))
+    res = pretrain(replace(rung_config(args, rung, shards, str(run_dir), evals, **checkpoint), resume=True))
     record = {"name": rung.name, "preset": rung.preset, "params": rung.params, "tokens": res.tokens,
               "flops": rung.flops * res.tokens / rung.tokens, "lr": rung_lr(args, rung.preset), "final_loss": res.final_loss,
               "smoothed_loss": res.smoothed_loss, "val_loss": res.val_loss, "release_dir": res.release_dir}
@@ -134,14 +138,16 @@ def fit_loss_key(results: list[dict]) -> str:
     return "val_loss" if all(r.get("val_loss") is not None for r in results) else "smoothed_loss"
 
 
-def fit_results(results: list[dict], target: Rung, out_dir: str | Path, actual: dict | None = None) -> dict:
+def fit_results(results: list[dict], target: Rung, out_dir: str | Path, actual: dict | None = None,
+                progress: bool = False) -> dict:
     """Fit the rungs' final losses, predict the target, compare, plot."""
     key = fit_loss_key(results + ([actual] if actual else []))
     compute = [r["flops"] for r in results]
     loss = [r[key] for r in results]
     fit = fit_scaling_law(compute, loss)
     predicted = float(fit.predict(target.flops))
-    interval = prediction_interval(fit, compute, loss, target.flops)
+    band = bootstrap_fits(fit, compute, loss, progress=progress)
+    interval = prediction_interval(fit, compute, loss, target.flops, fits=band)
     summary = {"fit": fit.to_dict(), "rungs": results, "target": asdict(target), "predicted_loss": predicted,
                "prediction_interval_5_95": list(interval), "loss_key": key}
     if actual:
@@ -149,7 +155,8 @@ def fit_results(results: list[dict], target: Rung, out_dir: str | Path, actual: 
         summary["relative_error"] = abs(predicted - actual[key]) / actual[key]
     out = Path(out_dir)
     plot_scaling_law(out / "scaling_law.png", compute, loss, fit, labels=[r["name"] for r in results],
-                     target=(target.name, target.flops), actual=summary.get("actual_loss"), interval=interval)
+                     target=(target.name, target.flops), actual=summary.get("actual_loss"), interval=interval,
+                     band=band, loss_name="held-out loss" if key == "val_loss" else "training loss (smoothed)")
     atomic_write_json(out / "scaling_fit.json", summary)
     return summary
 
@@ -169,8 +176,9 @@ def plan(shards: str = "", ladder: LadderArgs = LadderArgs()) -> None:
 
 
 def run(shards: str, out_dir: str = "runs/scaling", ladder: LadderArgs = LadderArgs(), rung: str | None = None,
-        include_target: bool = True) -> None:
-    """Train the ladder (finished rungs are skipped, so re-running resumes), then fit and predict.
+        include_target: bool = True, checkpoint_every: int = 100) -> None:
+    """Train the ladder (finished rungs are skipped, an unfinished one resumes from its last checkpoint,
+    so re-running continues), then fit and predict.
 
     Args:
         shards: Token shards from `baichuan2 tokenizer encode`.
@@ -178,17 +186,21 @@ def run(shards: str, out_dir: str = "runs/scaling", ladder: LadderArgs = LadderA
         ladder: The ladder recipe (presets, target, tokens per parameter, optimizer settings).
         rung: Train only this rung (one job per rung on a cluster); no fit.
         include_target: Also train the held-out target to check the prediction.
+        checkpoint_every: Steps between training checkpoints of each rung.
     """
     rungs, target = plan_rungs(ladder, _vocab(ladder, shards))
     by_name = {r.name: r for r in [*rungs, target]}
     if rung:
         if rung not in by_name:
             raise SystemExit(f"scaling run: unknown rung {rung!r} (ladder: {', '.join(by_name)})")
-        print(train_rung(ladder, by_name[rung], shards, Path(out_dir) / "rungs" / rung))
+        print(train_rung(ladder, by_name[rung], shards, Path(out_dir) / "rungs" / rung, save_every=checkpoint_every,
+                         release_final=False))
         return
-    results = [train_rung(ladder, r, shards, Path(out_dir) / "rungs" / r.name) for r in rungs]
-    actual = train_rung(ladder, target, shards, Path(out_dir) / "rungs" / target.name) if include_target else None
-    _print_summary(fit_results(results, target, out_dir, actual))
+    results = [train_rung(ladder, r, shards, Path(out_dir) / "rungs" / r.name, save_every=checkpoint_every,
+                          release_final=False) for r in rungs]
+    actual = train_rung(ladder, target, shards, Path(out_dir) / "rungs" / target.name, save_every=checkpoint_every,
+                        release_final=False) if include_target else None
+    _print_summary(fit_results(results, target, out_dir, actual, progress=True))
 
 
 def fit(out_dir: str = "runs/scaling", shards: str = "", ladder: LadderArgs = LadderArgs()) -> None:
@@ -204,7 +216,8 @@ def fit(out_dir: str = "runs/scaling", shards: str = "", ladder: LadderArgs = La
     if len(results) < 3:
         raise SystemExit(f"scaling fit: need at least 3 finished rungs in {out_dir}/rungs, found {len(results)}")
     target_file = Path(out_dir) / "rungs" / target.name / "result.json"
-    _print_summary(fit_results(results, target, out_dir, read_json(target_file) if target_file.exists() else None))
+    _print_summary(fit_results(results, target, out_dir, read_json(target_file) if target_file.exists() else None,
+                               progress=True))
 
 
 def _print_summary(s: dict) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def _barrier(distributed: bool) -> None:
     if distributed:
         dist.barrier()
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -61,7 +66,9 @@ def save_training_state(run_dir: str | os.PathLike, step: int, model: torch.nn.M
     _barrier(distributed)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = _map_strided({"model": model_sd, "optim": optim_sd}, gather_packed)
-    dcp.save(state, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # torch warns on every single-process save, which is what we asked for
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist_ready())
     torch.save(_rng_state(), tmp / f"rng-rank{rank:05d}.pt")
     _barrier(distributed)
     if rank == 0:
@@ -117,7 +124,7 @@ def load_training_state(path: str | os.PathLike, model: torch.nn.Module, optimiz
     state = _map_strided(templates, lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device))
     reader = SafeFileSystemReader(path)
     reader.read_metadata()  # refuse here: dcp.load would log our error and fall back to per-rank metadata
-    dcp.load(state, storage_reader=reader)
+    dcp.load(state, storage_reader=reader, no_dist=not _dist_ready())
     state = _restore_strided(state, templates)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng-rank{rank:05d}.pt"

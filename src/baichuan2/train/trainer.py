@@ -109,7 +109,7 @@ class PretrainResult:
     steps: int
     tokens: int
     final_loss: float  # last step's training loss
-    smoothed_loss: float  # mean training loss over the last 10% of steps (scaling-law fits use this)
+    smoothed_loss: float  # mean training loss over the last 10% of max_steps (scaling-law fits use this)
     val_loss: float | None
     release_dir: str | None
     flops_per_token: float
@@ -203,7 +203,7 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
     optimizer = build_optimizer(model, cfg.optim)
 
     start_step, next_row, tokens_seen, bad_streak = 0, 0, 0, 0
-    resume_from = None
+    resume_from, state = None, {}
     if cfg.resume:
         resume_from = Path(cfg.resume) if isinstance(cfg.resume, str) else (ckpt.checkpoint_dirs(run_dir) or [None])[-1]
         if resume_from is None:
@@ -236,9 +236,11 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
         val_batch = val.batch(list(range(min(cfg.data.val_rows, val.rows_in_epoch(0)))))
 
     release_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.checkpoint.release_dtype]
-    losses: list[float] = []
-    val_loss = None
-    last_loss = float("nan")
+    # restored on resume, so a resumed run reports the same numbers as an uninterrupted one
+    losses: list[float] = list(state.get("recent_losses", []))
+    val_loss = state.get("val_loss")
+    last_loss = state.get("loss", float("nan"))
+    tail_steps = max(1, max_steps // 10)
     stop_at = min(max_steps, start_step + t.stop_after) if t.stop_after else max_steps
     progress = tqdm(total=max_steps, initial=start_step, disable=not info.is_main, desc="pretrain", unit="step")
     step = start_step
@@ -313,7 +315,8 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
         if save_due or step == stop_at:
             ckpt.save_training_state(run_dir, step, model, optimizer,
                                      {"step": step, "tokens": tokens_seen, "loader": LoaderState(next_row).state_dict(),
-                                      "bad_streak": bad_streak, "loss": loss, "max_steps": max_steps},
+                                      "bad_streak": bad_streak, "loss": loss, "max_steps": max_steps,
+                                      "val_loss": val_loss, "recent_losses": losses[-tail_steps:]},
                                      info.rank, info.distributed, cfg.checkpoint.keep_last)
     progress.close()
     release_dir = None
@@ -321,7 +324,7 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
         release_dir = ckpt.release_checkpoint(run_dir, model, tokens_seen, step, last_loss, info.rank, tokenizer_dir,
                                               release_dtype, name="final")
     logger.close()
-    tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
+    tail = losses[-tail_steps:] if losses else [float("nan")]
     return PretrainResult(run_dir=str(run_dir), steps=step, tokens=tokens_seen, final_loss=last_loss,
                           smoothed_loss=sum(tail) / len(tail), val_loss=val_loss,
                           release_dir=str(release_dir) if release_dir else None, flops_per_token=flops_per_token,
