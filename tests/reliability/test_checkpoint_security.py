@@ -135,7 +135,7 @@ def test_every_flipped_byte_in_a_release_is_caught(tmp_path):
     model = tiny_model()
     directory = save_pretrained(model, tmp_path / "release")
     weights = directory / "model.safetensors"
-    assert f"  model.safetensors" in (directory / MANIFEST).read_text()
+    assert "  model.safetensors" in (directory / MANIFEST).read_text()
     original = weights.read_bytes()
     offsets = torch.randint(0, len(original), (20,), generator=torch.Generator().manual_seed(0)).tolist()
     caught = 0
