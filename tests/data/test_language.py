@@ -49,6 +49,7 @@ def test_keep_list_rejects_other_languages_and_the_report_shows_the_mix(tmp_path
     assert sorted(x["reason"] for x in rejects if x["step"] == "language") == [
         "language:de", "language:fa", "language:fr", "language:ja", "language:ko", "language:uk"]
     assert report["languages_tagged"] == {lang: 1 for lang in SAMPLES}
+    assert report["steps"]["language"]["reasons"] == {f"language:{x}": 1 for x in ("de", "fa", "fr", "ja", "ko", "uk")}
     assert report["output_by_language"] == {"en": 1, "zh": 1}
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Languages in the output" in md and "| zh | 1 | 1 | 50.0% |" in md

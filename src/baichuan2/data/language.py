@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from baichuan2.data.text import detect_language
+from baichuan2.utils.io import InputError
 
 SAMPLE_CHARS = 4000  # langid's cost is linear in length; the start of a document decides its language
 FOLD = {"yue": "zh", "wuu": "zh", "zxx": "und"}
@@ -47,7 +48,7 @@ class LanguageArgs:
 
     def __post_init__(self):
         if self.identifier not in ("py3langid", "script"):
-            raise ValueError(f"language.identifier {self.identifier!r}: use 'py3langid' or 'script'")
+            raise InputError(f"language.identifier {self.identifier!r}: use 'py3langid' or 'script'")
 
 
 @functools.lru_cache(maxsize=1)

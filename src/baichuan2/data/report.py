@@ -82,7 +82,7 @@ def write_report(out_dir: str, summary: dict) -> dict:
     return report
 
 
-def _language_table(r: dict) -> list[str]:
+def _language_table(r: dict, max_rows: int = 20) -> list[str]:
     """Documents per language tag (rows) and source (columns) in the output."""
     mix = r.get("output_language_by_source") or {}
     if not mix:
@@ -91,7 +91,13 @@ def _language_table(r: dict) -> list[str]:
     total = max(1, r["output_docs"])
     lines = ["## Languages in the output", "", "| language | " + " | ".join(sources) + " | total | share |",
              "|---" * (len(sources) + 3) + "|"]
-    for lang, per in mix.items():
+    rows = list(mix.items())
+    if len(rows) > max_rows:  # the long tail of rare tags in one row (report.json has them all)
+        tail: Counter = Counter()
+        for _, per in rows[max_rows - 1:]:
+            tail.update(per)
+        rows = rows[:max_rows - 1] + [(f"{len(rows) - max_rows + 1} others", dict(tail))]
+    for lang, per in rows:
         n = sum(per.values())
         lines.append(f"| {lang} | " + " | ".join(str(per.get(s, 0)) for s in sources) + f" | {n} | {n / total:.1%} |")
     return lines + [""]

@@ -73,6 +73,7 @@ class Step:
 
     name = "step"
     counted = True  # appears in the per-step counts of the report
+    count_full_reason = False  # count "language:ja" as itself, not as "language"
 
     def __init__(self):
         self.stats = StepStats()
@@ -88,7 +89,7 @@ class Step:
 
     def reject(self, doc: Doc, reason: str, text: str | None = None, **kw) -> None:
         self.stats.removed[doc.source] += 1
-        self.stats.reasons[reason.split(":")[0]] += 1
+        self.stats.reasons[reason if self.count_full_reason else reason.split(":")[0]] += 1
         self.rejects.append(reject_row(doc.doc_id, doc.source, self.name, reason,
                                        doc.text if text is None else text, **kw))
 
@@ -144,6 +145,7 @@ class TagLanguage(Filter):
     """Tag every document's language; drop languages the recipe does not keep."""
 
     name = "language"
+    count_full_reason = True
 
     def __init__(self, args: LanguageArgs):
         super().__init__()

@@ -43,6 +43,7 @@ class PipelineRecipe:
         workers: Worker processes for the data pipeline and token encoding.
         embed_encoder: Encoder for embedding clustering ("minilm", a directory, "lm:<ckpt>", or "none").
         embed_max_chars: Characters of each document given to the encoder.
+        languages: Language tags the data stage keeps (e.g. [zh, en]); empty keeps every language.
         vocab_size: Tokenizer vocabulary size.
         val_fraction: Share of documents held out (by doc_id hash) for the validation loss the scaling fit uses.
         ladder: Scaling ladder; its target is the main pretrained model (same recipe as the rungs).
@@ -64,6 +65,7 @@ class PipelineRecipe:
     workers: int = 2
     embed_encoder: str = "minilm"
     embed_max_chars: int = 300
+    languages: list[str] = field(default_factory=list)
     vocab_size: int = 4096
     val_fraction: float = 0.03
     ladder: LadderArgs = field(default_factory=LadderArgs)
@@ -85,11 +87,13 @@ def stage_corpus(r: PipelineRecipe, out: Path) -> dict:
 
 def stage_data(r: PipelineRecipe, out: Path) -> dict:
     from baichuan2.data.embed import EmbedArgs
+    from baichuan2.data.language import LanguageArgs
     from baichuan2.data.pipeline import DataRecipe, run_pipeline
     from baichuan2.data.score import ScoreArgs
 
     inputs = [str(out / "corpus" / f"{s}.jsonl") for s in ("docs", "code", "dialog", "zh")]
     recipe = DataRecipe(inputs=inputs, out_dir=str(out / "data"), workers=r.workers,
+                        language=LanguageArgs(keep=list(r.languages)),
                         embed=EmbedArgs(enabled=r.embed_encoder != "none", encoder=r.embed_encoder,
                                         max_chars=r.embed_max_chars, clusters=32),
                         score=ScoreArgs(source_weights={"docs": 1.0, "code": 1.0, "dialog": 0.5, "zh": 1.5}))

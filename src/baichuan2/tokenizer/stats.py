@@ -85,7 +85,12 @@ def print_stats(stats: dict) -> None:
     table.add_column("text")
     for name in names:
         table.add_column(name, justify="right")
-    keys = sorted({k for per in stats.values() for k in per}, key=lambda k: (k != "all", k))
+    first = stats[names[0]]
+    total = max(1, first.get("all", {}).get("chars", 1))
+    # Every source; languages with at least 1% of the characters (the rare tail stays in the returned dict).
+    keys = sorted((k for k in {k for per in stats.values() for k in per}
+                   if not k.startswith("lang:") or first.get(k, {}).get("chars", 0) >= 0.01 * total),
+                  key=lambda k: (k != "all", k))
     for key in keys:
         row = [f"{key} ({stats[names[0]][key]['chars']:,} chars)" if key in stats[names[0]] else key]
         for name in names:
