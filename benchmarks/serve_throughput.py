@@ -235,8 +235,13 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "serve_throughput"))
     ap.add_argument("--decode-batch", type=int, default=8, help="in-process batch decode vs HF (0 = skip)")
     ap.add_argument("--port", type=int, default=18123)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the in-process decode (0 = default)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.clients = [int(c) for c in args.clients.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
