@@ -112,7 +112,7 @@ def start_server(engine: str, ckpt: Path, dtype: str, port: int, args, work: Pat
         cmd = [str(ensure_vllm(Path(args.vllm_venv))), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
                "--served-model-name", "bench", "--dtype", dtype, "--port", str(port), "--max-model-len", "1024",
                "--max-num-seqs", str(max(args.clients))]
-        env = _env(None, VLLM_CPU_KVCACHE_SPACE="4", VLLM_LOGGING_LEVEL="WARNING")
+        env = _env(None, VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gb), VLLM_LOGGING_LEVEL="WARNING")
         env.pop("PYTHONPATH", None)
     return subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=work)
 
@@ -231,12 +231,18 @@ def main() -> None:
     ap.add_argument("--serial-max-clients", type=int, default=16, help="skip the serial server above this")
     ap.add_argument("--serial-ref", default="b99cb17", help="git ref of the old serial server")
     ap.add_argument("--vllm-venv", default="/work/peers/vllm-venv")
+    ap.add_argument("--vllm-kv-gb", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "baichuan2-tokenizer"))
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "serve_throughput"))
     ap.add_argument("--decode-batch", type=int, default=8, help="in-process batch decode vs HF (0 = skip)")
     ap.add_argument("--port", type=int, default=18123)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the in-process decode (0 = default)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.clients = [int(c) for c in args.clients.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

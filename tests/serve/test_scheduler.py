@@ -171,7 +171,7 @@ def test_sigterm_mid_stream_exits_cleanly(checkpoint):
                              "--model_name", "tiny", "--shutdown_deadline", "2"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while True:
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "no start"
             try:
@@ -181,13 +181,13 @@ def test_sigterm_mid_stream_exits_cleanly(checkpoint):
                 time.sleep(0.2)
         body = {**CHAT, "max_tokens": 180, "stream": True, "temperature": 1.0, "seed": 3}
         events = []
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=300) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(line)
                     if len(events) == 2:
                         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=300) == 0  # generous: the shared CI machine may be loaded
         assert events[-1] == "data: [DONE]"  # the stream was finished or cancelled, never cut mid-air
         last = json.loads(events[-2][6:])["choices"][0]["finish_reason"]
         assert last in ("stop", "length", "cancelled")
