@@ -148,3 +148,20 @@ def test_chat_cli_streams_keeps_history_and_clears(checkpoint):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_completion_prompts_follow_the_tokenizer_bos_setting(checkpoint):
+    """/v1/completions encodes like the checkpoint's tokenizer: Baichuan 2's add_bos_token is false, so the
+    prompt is tokenizer(prompt) alone; with add_bos_token true it starts with BOS."""
+    from baichuan2.serve.engine import Engine
+
+    engine = Engine(str(checkpoint), max_seqs=1)
+    try:
+        plain = engine.tok.encode("Hello there")
+        engine.tok.add_bos_token = False
+        assert engine.text_prompt("Hello there", 8) == plain
+        engine.tok.add_bos_token = True
+        assert engine.text_prompt("Hello there", 8) == [engine.tok.bos_id] + plain
+        assert engine.text_prompt("", 8) == [engine.tok.bos_id]
+    finally:
+        engine.close()

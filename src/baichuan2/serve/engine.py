@@ -163,7 +163,11 @@ class Engine:
         return ids
 
     def text_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = [self.tok.bos_id] + self.tok.encode(prompt)
+        # BOS as the checkpoint's tokenizer config says (official Baichuan 2: add_bos_token false, so a
+        # base-model prompt is tokenizer(prompt) alone); an empty prompt still needs one token to start from.
+        ids = self.tok.encode(prompt)
+        if getattr(self.tok, "add_bos_token", False) or not ids:
+            ids = [self.tok.bos_id] + ids
         if len(ids) + max_new_tokens > self.max_length:
             raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the context "
                              f"length {self.max_length}")
