@@ -20,6 +20,7 @@ A random model's perplexity says nothing, so the speed model is not used for qua
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -213,11 +214,12 @@ def perplexity_smollm(args) -> dict:
     ids = torch.tensor(tok(heldout_text(args.ppl_chars))["input_ids"])
     window = 512
     out = {"tokens": int(ids.numel())}
+    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, torch_dtype=torch.float32)
+    base.config.tie_word_embeddings = False  # untie, so the head can be quantized like ours
+    base.lm_head = torch.nn.Linear(base.config.hidden_size, base.config.vocab_size, bias=False)
+    base.lm_head.weight = torch.nn.Parameter(base.model.embed_tokens.weight.detach().clone())
     for kind in ("fp32", "bf16", "int8", "int4"):
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, torch_dtype=torch.float32)
-        model.config.tie_word_embeddings = False
-        model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
-        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        model = copy.deepcopy(base)
         if kind == "bf16":
             model = model.to(torch.bfloat16)
         elif kind in ("int8", "int4"):
