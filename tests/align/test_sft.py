@@ -44,7 +44,9 @@ def test_sft_learns_the_assistant_turns_and_saves_a_chat_checkpoint(checkpoint, 
     if lora:  # only the adapters trained: the embedding is untouched
         assert torch.equal(saved.model.embed_tokens.weight[tok.user_id], user_row)
     logs = [json.loads(x) for x in (tmp_path / "out-logs" / "metrics.jsonl").read_text().splitlines()]
-    assert len(logs) == m["steps"] and all("loss" in r for r in logs)
+    steps = [r for r in logs if "val_loss" not in r]
+    assert len(steps) == m["steps"] and all("loss" in r for r in steps)
+    assert logs[-1]["val_loss"] == pytest.approx(m["val_loss_after"], abs=1e-5)  # the engine's held-out eval
 
 
 def test_only_assistant_tokens_carry_loss(checkpoint, tmp_path):  # noqa: F811
