@@ -151,3 +151,23 @@ def test_sft_honours_bf16_and_the_bad_step_policy(checkpoint, tmp_path, monkeypa
     assert [r["event"] for r in read_metrics(tmp_path / "nan-logs" / "metrics.jsonl") if "event" in r] == \
         ["skipped_non_finite"] * 2
     json.dumps({})
+
+
+def test_an_interrupted_sft_run_resumes_to_the_same_final_weights(checkpoint, tmp_path):  # noqa: F811
+    """Stopped after 3 of 8 steps (its checkpoint is all a killed run leaves), then resumed: the final weights and
+    the loss curve equal an uninterrupted run's exactly."""
+    tok = Tokenizer.from_pretrained(checkpoint)
+    args = SFTArgs(epochs=2, batch_size=8, val_fraction=0.1)
+
+    def run(out, stop_after=0, resume=False):
+        return sft(load_pretrained(checkpoint), tok, CONVS, out, args, progress=False, optim=sft_optim(lr=3e-3),
+                   fit_args=FitArgs(precision="fp32", stop_after=stop_after), resume=resume)
+
+    run(tmp_path / "whole")
+    first = run(tmp_path / "cut", stop_after=3)
+    assert first.get("stopped_early") and not (tmp_path / "cut" / "config.json").exists()
+    run(tmp_path / "cut", resume=True)  # continues from the step-3 checkpoint
+    assert new_losses(tmp_path / "cut-logs") == new_losses(tmp_path / "whole-logs")
+    a, b = load_pretrained(tmp_path / "whole"), load_pretrained(tmp_path / "cut")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from baichuan2.align.logprobs import causal_lm, sequence_logprobs, token_logprobs  # noqa: F401
 from baichuan2.align.sft import LoraArgs, apply_lora, epoch_batches, plain_model, rank_share, split_holdout
 from baichuan2.train.engine import CheckpointArgs, FitArgs, Objective
 from baichuan2.train.optim import OptimArgs
@@ -76,45 +77,6 @@ def dpo_optim(**changes) -> OptimArgs:
 # ------------------------------------------------------------------------------------------------
 # The maths
 # ------------------------------------------------------------------------------------------------
-
-def _chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    picked = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   chunk_rows: int = 0) -> torch.Tensor:
-    """``[..., T]`` log p(target) at each position (0 where the target is -100), ``chunk_rows`` positions at a
-    time: each chunk's fp32 logits live only inside its chunk (recomputed in the backward pass)."""
-    from torch.utils.checkpoint import checkpoint
-
-    from baichuan2.model.fused_loss import auto_chunk_rows
-
-    shape = targets.shape
-    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    rows = chunk_rows or auto_chunk_rows(weight.shape[0])
-    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    parts = []
-    for s in range(0, h.shape[0], rows):
-        args = (weight, h[s:s + rows], y[s:s + rows])
-        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
-    out = torch.cat(parts) if parts else h.new_zeros(0)
-    return out.masked_fill(y == -100, 0.0).view(shape)
-
-
-def _lm(model):
-    """The Baichuan causal LM inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor:
-    """``[b]`` summed log-probabilities of each row's targets (aligned: ``targets[:, i]`` follows ``ids[:, i]``)."""
-    out = model(input_ids, attention_mask=attention_mask, return_logits=False, return_hidden=True)
-    weight = _lm(model).lm_head.normalized_weight()
-    return token_logprobs(out.hidden_states, weight, targets).sum(-1)
-
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
@@ -201,7 +163,7 @@ def _fingerprint(model, pairs: Sequence[DPOPair]) -> str:
     h = hashlib.sha256()
     for p in pairs:
         h.update(repr((p.chosen, p.rejected)).encode())
-    for t in list(_lm(model).state_dict().values())[:4]:
+    for t in list(causal_lm(model).state_dict().values())[:4]:
         h.update(t.detach().float().cpu().numpy().tobytes()[:4096])
     return h.hexdigest()
 
