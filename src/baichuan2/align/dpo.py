@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from baichuan2.align.logprobs import causal_lm, sequence_logprobs, token_logprobs  # noqa: F401
-from baichuan2.align.sft import LoraArgs, apply_lora, epoch_batches, plain_model, rank_share, split_holdout
-from baichuan2.train.engine import CheckpointArgs, FitArgs, Objective
+from baichuan2.align.sft import LoraArgs, apply_lora, plain_model, split_holdout
+from baichuan2.train.engine import CheckpointArgs, EpochObjective, FitArgs
 from baichuan2.train.optim import OptimArgs
 from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import InputError, atomic_write_json
@@ -190,32 +190,23 @@ def cached_reference(path: Path, model, pairs: Sequence[DPOPair], pad: int, devi
     return logps
 
 
-class DPOObjective(Objective):
+class DPOObjective(EpochObjective):
     """The DPO loss averaged over pairs (micro-batches and ranks weighted by pairs)."""
 
     name = "dpo"
 
     def __init__(self, train: Sequence[DPOPair], val: Sequence[DPOPair], pad: int, args: DPOArgs,
                  ref_train: torch.Tensor | None, ref_val: torch.Tensor | None, reference_model=None):
-        self.pairs, self.val, self.pad, self.args, self.seq_len = list(train), list(val), pad, args, args.max_length
+        # each example carries its index, so its cached reference log-probs travel with it
+        super().__init__(list(enumerate(train)), args.batch_size, args.epochs, args.seed)
+        self.val, self.pad, self.args, self.seq_len = list(val), pad, args, args.max_length
         self.ref_train, self.ref_val, self.reference = ref_train, ref_val, reference_model
-        self.batches = epoch_batches(len(self.pairs), args.batch_size, args.epochs, args.seed)
-        self.info = None
 
-    def setup(self, model, info) -> None:
-        self.info = info
-
-    def total_steps(self) -> int:
-        return len(self.batches)
-
-    def micro_batches(self, step: int, micro_batch_size: int) -> list[dict]:
-        out = []
-        for idx, real in rank_share(self.batches[step], micro_batch_size, self.info):
-            b = pair_batch([self.pairs[i] for i in idx], self.pad)
-            b["ref"] = self.ref_train[idx] if self.ref_train is not None else None
-            b["count"] = len(idx) if real else 0
-            out.append(b)
-        return out
+    def make_micro(self, examples: list, real: bool) -> dict:
+        b = pair_batch([p for _, p in examples], self.pad)
+        b["ref"] = self.ref_train[[i for i, _ in examples]] if self.ref_train is not None else None
+        b["count"] = len(examples) if real else 0
+        return b
 
     def _ref(self, micro: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.info.device

@@ -33,7 +33,7 @@ from baichuan2.align.sft import split_holdout
 from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
 from baichuan2.eval.scoring import length_batches, right_pad
 from baichuan2.tokenizer.chat import encode_chat
-from baichuan2.train.engine import CheckpointArgs, FitArgs, Objective
+from baichuan2.train.engine import CheckpointArgs, EpochObjective, FitArgs
 from baichuan2.train.optim import OptimArgs
 from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import InputError, atomic_write_json, read_json
@@ -230,33 +230,18 @@ def rm_optim(**changes) -> OptimArgs:
                                          grad_clip=1.0), **changes)
 
 
-class RewardObjective(Objective):
+class RewardObjective(EpochObjective):
     """The pairwise loss over a batch of pairs (chosen and rejected in one forward pass), weighted by pairs."""
 
     name = "reward model"
 
     def __init__(self, train: Sequence[EncodedPair], pad: int, args: RMArgs):
-        from baichuan2.align.sft import epoch_batches
+        super().__init__(list(train), args.batch_size, args.epochs, args.seed)
+        self.pad, self.args, self.seq_len = pad, args, args.max_length
 
-        self.pairs, self.pad, self.args, self.seq_len = list(train), pad, args, args.max_length
-        self.batches = epoch_batches(len(self.pairs), args.batch_size, args.epochs, args.seed)
-        self.info = None
-
-    def setup(self, model, info) -> None:
-        self.info = info
-
-    def total_steps(self) -> int:
-        return len(self.batches)
-
-    def micro_batches(self, step: int, micro_batch_size: int) -> list[dict]:
-        from baichuan2.align.sft import rank_share
-
-        out = []
-        for idx, real in rank_share(self.batches[step], micro_batch_size, self.info):
-            batch = [self.pairs[i] for i in idx]
-            ids, mask = right_pad([p.chosen for p in batch] + [p.rejected for p in batch], self.pad)
-            out.append({"input_ids": ids, "attention_mask": mask, "count": len(batch) if real else 0})
-        return out
+    def make_micro(self, examples: list, real: bool) -> dict:
+        ids, mask = right_pad([p.chosen for p in examples] + [p.rejected for p in examples], self.pad)
+        return {"input_ids": ids, "attention_mask": mask, "count": len(examples) if real else 0}
 
     def loss(self, model, micro: dict):
         device = self.info.device

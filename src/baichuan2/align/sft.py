@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from baichuan2.tokenizer.chat import encode_chat
-from baichuan2.train.engine import CheckpointArgs, FitArgs, Objective
+from baichuan2.train.engine import (CheckpointArgs, EpochObjective, FitArgs,  # noqa: F401 (re-exported)
+                                    epoch_batches, rank_share)
 from baichuan2.train.optim import OptimArgs
 from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import InputError, atomic_write_json, iter_records
@@ -156,51 +157,19 @@ def assistant_loss(model, rows: list[tuple[list[int], list[int]]], pad: int, bat
     return evaluate_loss(model, _batch(rows, pad), batch_size, model.device)
 
 
-def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """Item indices of every optimizer step: a seeded shuffle per epoch, cut into batches (the last may be short)."""
-    rng, out = random.Random(seed + 1), []
-    for _ in range(epochs):
-        order = list(range(n))
-        rng.shuffle(order)
-        out += [order[k: k + batch_size] for k in range(0, n, batch_size)]
-    return out
-
-
-def rank_share(items: list, micro_batch_size: int, info) -> list[tuple[list, bool]]:
-    """This data-parallel rank's items of a global batch, cut into micro-batches: ``[(items, real)]``.
-
-    A rank left without items (a short last batch) still runs one forward/backward (FSDP needs every rank)
-    on the first item with ``real=False``, which the objective weights by zero."""
-    mine = items[info.dp_rank::info.dp_world]
-    if not mine:
-        return [(items[:1], False)]
-    size = micro_batch_size or len(mine)
-    return [(mine[k: k + size], True) for k in range(0, len(mine), size)]
-
-
-class SFTObjective(Objective):
+class SFTObjective(EpochObjective):
     """Cross-entropy on the assistant's tokens, weighted by target tokens across micro-batches and ranks."""
 
     name = "sft"
 
     def __init__(self, train: list[tuple], val: list[tuple], pad: int, args: SFTArgs):
-        self.rows, self.val, self.pad, self.seq_len = train, val, pad, args.max_length
-        self.batches = epoch_batches(len(train), args.batch_size, args.epochs, args.seed)
-        self.info = None
+        super().__init__(train, args.batch_size, args.epochs, args.seed)
+        self.val, self.pad, self.seq_len = val, pad, args.max_length
 
-    def setup(self, model, info) -> None:
-        self.info = info
-
-    def total_steps(self) -> int:
-        return len(self.batches)
-
-    def micro_batches(self, step: int, micro_batch_size: int) -> list[dict]:
-        out = []
-        for idx, real in rank_share(self.batches[step], micro_batch_size, self.info):
-            b = _batch([self.rows[i] for i in idx], self.pad)
-            b["count"] = int((b["targets"] != -100).sum()) if real else 0
-            out.append(b)
-        return out
+    def make_micro(self, examples: list, real: bool) -> dict:
+        b = _batch(examples, self.pad)
+        b["count"] = int((b["targets"] != -100).sum()) if real else 0
+        return b
 
     def loss(self, model, micro: dict):
         device = self.info.device

@@ -149,6 +149,54 @@ class Objective:
             float("nan")
 
 
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Item indices of every optimizer step: a seeded shuffle per epoch, cut into batches (the last may be short)."""
+    import random
+
+    rng, out = random.Random(seed + 1), []
+    for _ in range(epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        out += [order[k: k + batch_size] for k in range(0, n, batch_size)]
+    return out
+
+
+def rank_share(items: list, micro_batch_size: int, info: DistInfo) -> list[tuple[list, bool]]:
+    """This data-parallel rank's items of a global batch, cut into micro-batches: ``[(items, real)]``.
+
+    A rank left without items (a short last batch) still runs one forward/backward (FSDP needs every rank)
+    on the first item with ``real=False``, which the objective weights by zero."""
+    mine = items[info.dp_rank::info.dp_world]
+    if not mine:
+        return [(items[:1], False)]
+    size = micro_batch_size or len(mine)
+    return [(mine[k: k + size], True) for k in range(0, len(mine), size)]
+
+
+class EpochObjective(Objective):
+    """An objective over a list of examples (conversations, pairs): seeded shuffles per epoch, ``batch_size``
+    examples a step shared out over the data-parallel ranks; subclasses turn examples into a micro-batch."""
+
+    def __init__(self, items: list, batch_size: int, epochs: int, seed: int):
+        self.items = list(items)
+        self.batches = epoch_batches(len(self.items), batch_size, epochs, seed)
+        self.info = DistInfo()
+
+    def setup(self, model, info: DistInfo) -> None:
+        self.info = info
+
+    def total_steps(self) -> int:
+        return len(self.batches)
+
+    def make_micro(self, examples: list, real: bool) -> dict:
+        """One micro-batch of ``examples``; ``count`` 0 when not ``real`` (a padding rank)."""
+        raise NotImplementedError
+
+    def micro_batches(self, step: int, micro_batch_size: int) -> list[dict]:
+        return [self.make_micro([self.items[i] for i in idx], real)
+                for idx, real in rank_share(self.batches[step], micro_batch_size, self.info)]
+
+
 @dataclass
 class FitResult:
     steps: int
