@@ -66,7 +66,7 @@ def test_unknown_verb_is_a_clear_error():
 
 RECIPE_VERBS = {"pipeline-default.yaml": ("pipeline", None), "scaling-ladder.yaml": ("scaling", "run"),
                 "data-default.yaml": ("data", "run"), "rm-default.yaml": ("rm", "train"),
-                "ppo-baichuan2.yaml": ("ppo", None)}
+                "ppo-baichuan2.yaml": ("ppo", None), "dpo-safety.yaml": ("dpo", None)}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPE_VERBS))
@@ -77,7 +77,7 @@ def test_shipped_recipes_parse(name):
     verb, sub = RECIPE_VERBS[name]
     parser = recipe_parser(verb, sub)
     recipe = REPO / "src" / "baichuan2" / "recipes" / name
-    required = {"scaling": ["runs/tokens"], "data": ["in.jsonl"], "rm": ["ckpt", "pairs.jsonl"],
+    required = {"scaling": ["runs/tokens"], "data": ["in.jsonl"], "rm": ["ckpt", "pairs.jsonl"], "dpo": ["ckpt", "pairs.jsonl"],
                 "ppo": ["ckpt", "rm", "prompts.jsonl"]}.get(verb, [])
     cfg = parser.parse_args([f"--config={recipe}", *required])
     assert cfg

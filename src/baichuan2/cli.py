@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "scaling": ("baichuan2.pipeline.scaling_cli", "plan and run a model ladder, fit L(C) = a*C^b + L_inf, predict"),
     "sft": ("baichuan2.align.sft_cli", "supervised fine-tuning on chat data, assistant-only loss (full or LoRA)"),
     "rm": ("baichuan2.align.rm_cli", "train / evaluate a reward model (pairwise loss, per-category accuracy)"),
+    "dpo": ("baichuan2.align.dpo_cli", "direct preference optimisation on preference pairs (sigmoid / IPO, cached reference)"),
     "ppo": ("baichuan2.align.ppo_cli", "PPO against a reward model with Baichuan 2's settings"),
     "eval": ("baichuan2.eval.cli", "benchmarks (C-Eval/CMMLU/MMLU/Gaokao/AGIEval, BBH, GSM8K, MATH, HumanEval, MBPP), perplexity, checkpoints"),
     "chat": ("baichuan2.serve.chat", "interactive streaming chat in the terminal"),

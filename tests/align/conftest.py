@@ -20,7 +20,7 @@ def synthetic_pairs(n: int = 48) -> list[dict]:
 @pytest.fixture(scope="session")
 def reward_model(checkpoint, tmp_path_factory):  # noqa: F811
     from baichuan2.align.preference import to_pair
-    from baichuan2.align.reward import RewardModel, RMArgs, encode_pairs, train_reward_model
+    from baichuan2.align.reward import RewardModel, RMArgs, encode_pairs, rm_optim, train_reward_model
     from baichuan2.align.sft import split_holdout
     from baichuan2.align.taxonomy import Taxonomy
     from baichuan2.model.checkpoint import load_pretrained
@@ -31,6 +31,7 @@ def reward_model(checkpoint, tmp_path_factory):  # noqa: F811
     pairs = encode_pairs(tok, [to_pair(r) for r in synthetic_pairs()], 128, Taxonomy.load())
     train, val = split_holdout(pairs, 0.25, 0)
     out = tmp_path_factory.mktemp("rm") / "rm"
-    args = RMArgs(max_length=128, epochs=3, batch_size=8, lr=2e-3)
-    result = train_reward_model(RewardModel(load_pretrained(checkpoint)), tok, train, val, out, args, progress=False)
+    args = RMArgs(max_length=128, epochs=3, batch_size=8)
+    result = train_reward_model(RewardModel(load_pretrained(checkpoint)), tok, train, val, out, args, progress=False,
+                                optim=rm_optim(lr=2e-3))
     return out, result

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from baichuan2.align.ppo import (KLArgs, PPOArgs, PPOError, PPOTrainer, RolloutArgs, encode_prompts, gae, kl_coef,
-                                 pack_rollout, policy_loss, ppo, shaped_rewards, value_loss)
+                                 pack_rollout, policy_loss, ppo, ppo_optim, shaped_rewards, value_loss)
 from baichuan2.align.reward import RewardModel
 from baichuan2.model.checkpoint import load_pretrained
 from baichuan2.tokenizer import Tokenizer
@@ -78,16 +78,16 @@ def test_clipped_losses_and_reward_shaping_by_hand():
     assert kl.sum().item() == pytest.approx(1.0)
 
 
-def _trainer(checkpoint, args, reward=upper_half_reward):  # noqa: F811
+def _trainer(checkpoint, args, reward=upper_half_reward, lr=1e-3):  # noqa: F811
     torch.manual_seed(0)
     actor = load_pretrained(checkpoint)
     tok = Tokenizer.from_pretrained(checkpoint)
     prompts = encode_prompts(tok, PROMPTS, args, actor.config.max_position_embeddings)
-    return PPOTrainer(actor, RewardModel(copy.deepcopy(actor)), reward, tok, args), prompts
+    return PPOTrainer(actor, RewardModel(copy.deepcopy(actor)), reward, tok, args, optim=ppo_optim(lr=lr)), prompts
 
 
 def test_critic_warm_up_freezes_the_actor_for_the_configured_iterations(checkpoint):  # noqa: F811
-    args = PPOArgs(iterations=3, critic_warmup=2, rollout_batch_size=8, mini_batch_size=4, lr=1e-3,
+    args = PPOArgs(iterations=3, critic_warmup=2, rollout_batch_size=8, mini_batch_size=4,
                    rollout=RolloutArgs(max_new_tokens=6, max_prompt_tokens=32))
     trainer, prompts = _trainer(checkpoint, args)
     actor0 = copy.deepcopy(trainer.actor.state_dict())
@@ -108,11 +108,11 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(checkpoint, tmp_path):  # noq
     torch.manual_seed(0)
     actor = load_pretrained(checkpoint)
     tok = Tokenizer.from_pretrained(checkpoint)
-    args = PPOArgs(iterations=20, critic_warmup=2, rollout_batch_size=64, mini_batch_size=16, lr=1e-3,
+    args = PPOArgs(iterations=20, critic_warmup=2, rollout_batch_size=64, mini_batch_size=16,
                    kl=KLArgs(init=0.05, final=0.01), normalize_reward=False, max_kl=20.0,
                    rollout=RolloutArgs(max_new_tokens=8, max_prompt_tokens=32))
     summary = ppo(actor, RewardModel(copy.deepcopy(actor)), upper_half_reward, tok, PROMPTS, tmp_path / "actor", args,
-                  progress=False)
+                  progress=False, optim=ppo_optim(lr=1e-3))
     logs = [json.loads(x) for x in (tmp_path / "actor-logs" / "metrics.jsonl").read_text().splitlines()]
     assert len(logs) == 20 and [r["actor_updated"] for r in logs[:3]] == [False, False, True]
     first = sum(r["score"] for r in logs[:3]) / 3
@@ -128,9 +128,9 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(checkpoint, tmp_path):  # noq
 
 
 def test_ppo_stops_clearly_on_kl_blow_up_and_non_finite_rewards(checkpoint):  # noqa: F811
-    args = PPOArgs(iterations=5, critic_warmup=0, rollout_batch_size=8, mini_batch_size=8, lr=5e-2, max_kl=1e-3,
+    args = PPOArgs(iterations=5, critic_warmup=0, rollout_batch_size=8, mini_batch_size=8, max_kl=1e-3,
                    rollout=RolloutArgs(max_new_tokens=6, max_prompt_tokens=32))
-    trainer, prompts = _trainer(checkpoint, args)
+    trainer, prompts = _trainer(checkpoint, args, lr=5e-2)
     with pytest.raises(PPOError, match="KL blow-up"):
         for it in range(5):
             trainer.iteration(prompts[:8], it)
@@ -165,3 +165,44 @@ def test_bad_ppo_settings_are_refused_before_any_work(checkpoint, tmp_path):  # 
             PPOArgs(iterations=0, clip_ratio=0.0))
     with pytest.raises(InputError, match="unknown KL schedule"):
         ppo(actor, RewardModel(actor), upper_half_reward, tok, PROMPTS, tmp_path / "a", PPOArgs(kl=KLArgs(schedule="x")))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the resumed run's rollouts, rewards, KL and critic match exactly, "
+                   "but the first actor update after the resume differs (policy_loss 0.0515 vs 0.0099); not found yet")
+def test_a_killed_ppo_run_resumes_to_the_same_results(checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    """Checkpoint every iteration; die inside iteration 3; resume: metrics and final actor equal an unbroken run."""
+    from baichuan2.train.engine import CheckpointArgs
+
+    tok = Tokenizer.from_pretrained(checkpoint)
+    args = PPOArgs(iterations=4, critic_warmup=1, rollout_batch_size=4, mini_batch_size=2, seed=3,
+                   rollout=RolloutArgs(max_new_tokens=5, max_prompt_tokens=24))
+    every = CheckpointArgs(save_every=1, keep_last=2)
+
+    def run(out, resume=False):
+        torch.manual_seed(0)
+        actor = load_pretrained(checkpoint)
+        return ppo(actor, RewardModel(copy.deepcopy(actor)), upper_half_reward, tok, PROMPTS[:12], out, args,
+                   progress=False, optim=ppo_optim(lr=1e-3), checkpoint=every, resume=resume)
+
+    run(tmp_path / "whole")
+    real = PPOTrainer.iteration
+
+    def dies_at_3(self, prompts, iteration):
+        if iteration == 3:
+            raise KeyboardInterrupt  # the process is killed mid-run
+        return real(self, prompts, iteration)
+
+    monkeypatch.setattr(PPOTrainer, "iteration", dies_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(PPOTrainer, "iteration", real)
+    run(tmp_path / "killed", resume=True)
+    logs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole-logs", "killed-logs")]
+    assert [r["step"] for r in logs[1]] == [0, 1, 2, 3]
+    for a, b in zip(*logs, strict=True):
+        assert a["score"] == b["score"] and a["value_loss"] == b["value_loss"] and a["kl"] == b["kl"], (a, b)
+        assert a.get("policy_loss") == b.get("policy_loss"), (a, b)
+    whole, resumed = load_pretrained(tmp_path / "whole"), load_pretrained(tmp_path / "killed")
+    for (name, x), y in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(x, y), (name, float((x - y).abs().max()))

@@ -10,7 +10,7 @@ import torch
 
 from baichuan2.align.preference import read_pairs, to_pair, to_prompt
 from baichuan2.align.reward import (RewardModel, RMArgs, encode_pairs, evaluate_reward_model, pairwise_loss,
-                                    score_rows, train_reward_model)
+                                    rm_optim, score_rows, train_reward_model)
 from baichuan2.align.sft import split_holdout
 from baichuan2.align.taxonomy import Taxonomy, category_levels
 from baichuan2.model.checkpoint import CheckpointError, load_pretrained
@@ -94,9 +94,9 @@ def test_reward_model_on_hh_rlhf_harmless_beats_chance_on_held_out_pairs(checkpo
     pairs = encode_pairs(tok, list(read_pairs([str(HH)])), 192, Taxonomy.load())
     assert len(pairs) > 2200
     train, val = split_holdout(pairs, 0.15, 0)
-    args = RMArgs(max_length=192, epochs=1, batch_size=16, lr=1e-3)
+    args = RMArgs(max_length=192, epochs=1, batch_size=16)
     result = train_reward_model(RewardModel(load_pretrained(checkpoint)), tok, train, val, tmp_path / "rm", args,
-                                progress=False)
+                                progress=False, optim=rm_optim(lr=1e-3))
     before, after = result["val_before"], result["val_after"]
     assert after["n"] == len(val) > 300
     # ~345 held-out pairs: chance is 50 +- 2.7 (1 sd); the trained model must clear it by a margin

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from baichuan2.align.sft import LoraArgs, SFTArgs, read_conversations, sft, to_messages
+from baichuan2.align.sft import LoraArgs, SFTArgs, read_conversations, sft, sft_optim, to_messages
 from baichuan2.model.checkpoint import load_pretrained
 from baichuan2.tokenizer import Tokenizer
 from baichuan2.utils.io import InputError
@@ -35,9 +35,8 @@ CONVS = [[{"role": "user", "content": f"what is {i} plus one?"}, {"role": "assis
 def test_sft_learns_the_assistant_turns_and_saves_a_chat_checkpoint(checkpoint, tmp_path, lora):  # noqa: F811
     model, tok = load_pretrained(checkpoint), Tokenizer.from_pretrained(checkpoint)
     user_row = model.model.embed_tokens.weight[tok.user_id].clone()
-    args = SFTArgs(epochs=4, batch_size=8, lr=3e-3 if lora == 0 else 1e-2, val_fraction=0.1,
-                   lora=LoraArgs(r=lora, alpha=8, dropout=0.0))
-    m = sft(model, tok, CONVS, tmp_path / "out", args, progress=False)
+    args = SFTArgs(epochs=4, batch_size=8, val_fraction=0.1, lora=LoraArgs(r=lora, alpha=8, dropout=0.0))
+    m = sft(model, tok, CONVS, tmp_path / "out", args, progress=False, optim=sft_optim(lr=3e-3 if lora == 0 else 1e-2))
     assert m["val_loss_after"] < m["val_loss_before"] - 0.5
     saved = load_pretrained(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["top_k"] == 5
@@ -45,7 +44,9 @@ def test_sft_learns_the_assistant_turns_and_saves_a_chat_checkpoint(checkpoint, 
     if lora:  # only the adapters trained: the embedding is untouched
         assert torch.equal(saved.model.embed_tokens.weight[tok.user_id], user_row)
     logs = [json.loads(x) for x in (tmp_path / "out-logs" / "metrics.jsonl").read_text().splitlines()]
-    assert len(logs) == m["steps"] and all("loss" in r for r in logs)
+    steps = [r for r in logs if "val_loss" not in r]
+    assert len(steps) == m["steps"] and all("loss" in r for r in steps)
+    assert logs[-1]["val_loss"] == pytest.approx(m["val_loss_after"], abs=1e-5)  # the engine's held-out eval
 
 
 def test_only_assistant_tokens_carry_loss(checkpoint, tmp_path):  # noqa: F811
@@ -73,7 +74,8 @@ def test_packing_keeps_conversations_apart(checkpoint, tmp_path):  # noqa: F811
     loose = assistant_loss(model, rows, pad=0)
     tight = evaluate_loss(model, _batch(packed, 0), 8, model.device)
     assert tight == pytest.approx(loose, abs=1e-5)
-    m = sft(model, tok, CONVS, tmp_path / "packed", SFTArgs(epochs=1, batch_size=4, lr=1e-3, pack=True, max_length=96), progress=False)
+    m = sft(model, tok, CONVS, tmp_path / "packed", SFTArgs(epochs=1, batch_size=4, pack=True, max_length=96),
+            progress=False, optim=sft_optim(lr=1e-3))
     assert m["train_rows"] < m["train_conversations"]
 
 

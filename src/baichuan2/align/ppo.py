@@ -18,6 +18,7 @@ KL to the reference exceeds ``max_kl`` (a blow-up), before any bad update reache
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from baichuan2.train.engine import (BadStepGuard, CheckpointArgs, DivergenceArgs, FitArgs, OptimizerStep, autocast_for,
+                                    resolve_precision)
+from baichuan2.train.optim import OptimArgs
 from baichuan2.utils.io import InputError, atomic_write_json
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]  # (prompts, responses) -> [n] scores
@@ -90,9 +94,7 @@ class PPOArgs:
         rollout_batch_size: Prompts per iteration.
         mini_batch_size: Responses per gradient step.
         ppo_epochs: Passes over each rollout batch.
-        lr: Actor learning rate, constant (Baichuan 2: 5e-6).
-        critic_lr: Critic learning rate (0 = lr).
-        grad_clip: Gradient-norm clip for actor and critic (Baichuan 2: 0.5).
+        critic_lr: Critic learning rate (0 = the actor's optim.lr).
         clip_ratio: PPO policy clip epsilon (Baichuan 2: 0.1).
         value_clip: Value-function clip around the rollout values.
         critic_warmup: Iterations at the start in which only the critic learns (Baichuan 2: 20).
@@ -104,7 +106,7 @@ class PPOArgs:
         reward_clip: Clip the (normalised) score to +-this.
         max_kl: Stop when the mean per-response KL to the reference exceeds this many nats.
         rollout: Sampling settings of the rollouts.
-        save_every: Also save the actor every N iterations (0 = only at the end).
+        save_every: Also release the actor (HF layout) every N iterations (0 = only at the end).
         seed: Prompt order and sampling seed.
     """
 
@@ -112,9 +114,7 @@ class PPOArgs:
     rollout_batch_size: int = 16
     mini_batch_size: int = 8
     ppo_epochs: int = 1
-    lr: float = 5e-6
     critic_lr: float = 0.0
-    grad_clip: float = 0.5
     clip_ratio: float = 0.1
     value_clip: float = 0.2
     critic_warmup: int = 20
@@ -203,11 +203,14 @@ def shaped_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Ten
 
 def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, with_entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[b, t-1]`` log p(ids[:, j+1] | ids[:, :j+1]) (and the entropy of that distribution)."""
-    logits = model(ids, attention_mask=mask).logits[:, :-1].float()
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    """``[b, t-1]`` log p(ids[:, j+1] | ids[:, :j+1]) (and the entropy of that distribution), computed in chunks
+    of positions: no ``[b, t, vocab]`` logits tensor (``align.logprobs``)."""
+    from baichuan2.align import logprobs
+
+    hidden, weight = logprobs.hidden_and_head(model, ids, mask)
+    hidden = hidden[:, :-1]
+    logp = logprobs.token_logprobs(hidden, weight, ids[:, 1:])
+    entropy = logprobs.token_entropy(hidden, weight) if with_entropy else None
     return logp, entropy
 
 
@@ -253,38 +256,61 @@ class ModelReward:
         return self.rm.normalize(scores) if self.normalize else scores
 
 
-def _step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float,
-          what: str, iteration: int) -> float:
-    if not torch.isfinite(loss):
-        raise PPOError(f"iteration {iteration}: {what} loss is {float(loss)}; stopping before the update "
-                       "(lower the learning rate or check the reward model)")
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    if not torch.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        raise PPOError(f"iteration {iteration}: {what} gradient norm is {float(norm)}; stopping before the update")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(norm)
+def ppo_optim(**changes) -> OptimArgs:
+    """Baichuan 2's PPO optimiser: constant LR 5e-6 (no warm-up, no decay), gradient clip 0.5, no weight decay."""
+    return dataclasses.replace(OptimArgs(lr=5e-6, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                                         grad_clip=0.5), **changes)
+
+
+class _Updater:
+    """The engine's optimiser step (decay groups, clipping, constant LR) with its bad-step policy: a
+    non-finite loss or gradient norm applies nothing; ``max_bad`` such updates in a row stop the run."""
+
+    def __init__(self, model, optim: OptimArgs, iterations: int, max_bad: int, what: str):
+        self.step = OptimizerStep(model, optim, iterations)
+        self.guard = BadStepGuard(DivergenceArgs(loss_sigmas=0, grad_ratio=0), max_bad)
+        self.what = what
+
+    def __call__(self, loss: torch.Tensor, iteration: int) -> float:
+        loss.backward()
+        norm = self.step.clip()
+        why = self.guard.verdict(float(loss.detach()), norm, not bool(torch.isfinite(loss)))
+        self.guard.record(float(loss.detach()), norm, bool(why))
+        if why:
+            self.step.skip()
+            if self.guard.streak >= self.guard.max_bad:
+                raise PPOError(f"iteration {iteration}: {self.what} update: {why} ({self.guard.streak} in a row); "
+                               "stopping before the update (lower the learning rate or check the reward model)")
+            return norm
+        self.step.apply(iteration)
+        return norm
 
 
 class PPOTrainer:
     """Holds the four models and two optimizers; ``iteration()`` does one rollout + update."""
 
-    def __init__(self, actor, critic, reward_fn: RewardFn, tok, args: PPOArgs = PPOArgs(), reference=None):
+    def __init__(self, actor, critic, reward_fn: RewardFn, tok, args: PPOArgs = PPOArgs(), reference=None,
+                 optim: OptimArgs | None = None, fit_args: FitArgs | None = None):
         self.actor, self.critic, self.reward_fn, self.tok, self.args = actor, critic, reward_fn, tok, args
         self.reference = reference if reference is not None else copy.deepcopy(actor)
         self.reference.eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.actor_params = [p for p in actor.parameters() if p.requires_grad]
-        self.critic_params = [p for p in critic.parameters() if p.requires_grad]
-        betas = (0.9, 0.95)
-        self.actor_opt = torch.optim.AdamW(self.actor_params, lr=args.lr, betas=betas, weight_decay=0.0)
-        self.critic_opt = torch.optim.AdamW(self.critic_params, lr=args.critic_lr or args.lr, betas=betas,
-                                            weight_decay=0.0)
+        optim, fit_args = optim or ppo_optim(), fit_args or FitArgs(precision="fp32")
+        self.optim = optim
+        self.actor_step = _Updater(actor, optim, args.iterations, fit_args.max_bad_steps, "policy")
+        self.critic_step = _Updater(critic, dataclasses.replace(optim, lr=args.critic_lr or optim.lr), args.iterations,
+                                    fit_args.max_bad_steps, "value")
+        self.autocast = autocast_for(resolve_precision(fit_args.precision, actor.device), actor.device)
         self.pad = actor.config.pad_token_id or 0
         self.generator = torch.Generator(device=actor.device).manual_seed(args.seed)
+
+    def modules(self) -> torch.nn.ModuleDict:
+        """Actor and critic as one module (training-state checkpoints)."""
+        return torch.nn.ModuleDict({"actor": self.actor, "critic": self.critic})
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.actor_step.step.optimizer, self.critic_step.step.optimizer]
 
     def sampling(self):
         from baichuan2.model.generate import SamplingConfig
@@ -304,9 +330,10 @@ class PPOTrainer:
         responses = generate(self.actor, prompts, cfg, include_stop=True)
         responses = [r or [self.tok.eos_id] for r in responses]
         ids, attn, mask = (t.to(device) for t in pack_rollout(prompts, responses, self.pad))
-        old_logp, entropy = token_logprobs(self.actor, ids, attn, with_entropy=True)
-        ref_logp, _ = token_logprobs(self.reference, ids, attn)
-        values = self.critic.values(ids, attn)[:, :-1].float()
+        with self.autocast:
+            old_logp, entropy = token_logprobs(self.actor, ids, attn, with_entropy=True)
+            ref_logp, _ = token_logprobs(self.reference, ids, attn)
+            values = self.critic.values(ids, attn)[:, :-1].float()
         raw = self.reward_fn(prompts, responses).float().to(device)
         if not torch.isfinite(raw).all():
             raise PPOError(f"iteration {iteration}: the reward function returned non-finite scores")
@@ -338,14 +365,16 @@ class PPOTrainer:
             for k in range(0, n, args.mini_batch_size):
                 idx = torch.tensor(order[k: k + args.mini_batch_size], device=ro.ids.device)
                 ids, attn, mask = ro.ids[idx], ro.attn[idx], ro.mask[idx]
-                v = self.critic.values(ids, attn)[:, :-1].float()
+                with self.autocast:
+                    v = self.critic.values(ids, attn)[:, :-1].float()
                 vloss, vstats = value_loss(v, ro.values[idx], ro.returns[idx], mask, args.value_clip)
-                vnorm = _step(self.critic_params, self.critic_opt, vloss, args.grad_clip, "value", iteration)
+                vnorm = self.critic_step(vloss, iteration)
                 record = {"value_loss": float(vloss.detach()), "critic_grad_norm": vnorm, **vstats}
                 if train_actor:
-                    logp, _ = token_logprobs(self.actor, ids, attn)
+                    with self.autocast:
+                        logp, _ = token_logprobs(self.actor, ids, attn)
                     ploss, pstats = policy_loss(logp, ro.old_logp[idx], ro.advantages[idx], mask, args.clip_ratio)
-                    pnorm = _step(self.actor_params, self.actor_opt, ploss, args.grad_clip, "policy", iteration)
+                    pnorm = self.actor_step(ploss, iteration)
                     record.update(policy_loss=float(ploss.detach()), actor_grad_norm=pnorm, **pstats)
                 for key, val in record.items():
                     sums.setdefault(key, []).append(val)
@@ -404,21 +433,62 @@ def plot_ppo(metrics: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
+def _save_state(run_dir: Path, iteration: int, trainer: PPOTrainer, rng: random.Random, order: list[int],
+                keep_last: int) -> None:
+    """Actor, critic, both optimisers (DCP), the prompt order and the sampling generator: a resumed run
+    continues exactly where this one was."""
+    from baichuan2.train import checkpoint as ckpt
+
+    # an optimiser that has not stepped yet (the actor's during the critic warm-up) is left out: DCP would
+    # initialise its state with a zero step, and the run would then differ from one never checkpointed
+    stepped = [k for k, o in enumerate(trainer.optimizers()) if o.state]
+    state = {"step": iteration, "order": order, "rng": _jsonable(rng.getstate()), "optimizers": stepped,
+             "generator": trainer.generator.get_state().tolist()}
+    ckpt.save_training_state(run_dir, iteration, trainer.modules(), [trainer.optimizers()[k] for k in stepped], state,
+                             0, False, keep_last)
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _load_state(path: Path, trainer: PPOTrainer, rng: random.Random) -> tuple[int, list[int]]:
+    from baichuan2.train import checkpoint as ckpt
+
+    import json
+
+    stepped = json.loads((Path(path) / "trainer.json").read_text(encoding="utf-8"))["optimizers"]
+    state = ckpt.load_training_state(path, trainer.modules(), [trainer.optimizers()[k] for k in stepped], 0)
+    rng.setstate(_tuples(state["rng"]))
+    trainer.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+    return int(state["step"]), list(state["order"])
+
+
 def ppo(actor, critic, reward_fn: RewardFn, tok, prompts: Sequence[list[dict]], out_dir: str | Path,
-        args: PPOArgs = PPOArgs(), progress: bool = True, reference=None) -> dict:
+        args: PPOArgs = PPOArgs(), progress: bool = True, reference=None, optim: OptimArgs | None = None,
+        fit_args: FitArgs | None = None, checkpoint: CheckpointArgs | None = None, resume: bool | str = False) -> dict:
     """Run PPO; save the actor (HF layout, chat generation defaults) to ``out_dir``; return a summary.
 
-    ``out_dir-logs/`` gets metrics.jsonl (+ TensorBoard), ppo_result.json and ppo_curve.png.
+    ``out_dir-logs/`` gets metrics.jsonl (+ TensorBoard), ppo_result.json, ppo_curve.png and, every
+    ``checkpoint.save_every`` iterations, training-state checkpoints (``resume`` continues from the latest).
     """
     from tqdm import tqdm
 
     from baichuan2.model.checkpoint import save_pretrained
     from baichuan2.model.generate import SamplingConfig
+    from baichuan2.train import checkpoint as ckpt
     from baichuan2.utils.metrics import MetricsLogger, read_metrics
 
+    optim, checkpoint = optim or ppo_optim(), checkpoint or CheckpointArgs()
     problems = [f"{k} must be >= 1, got {getattr(args, k)}" for k in
                 ("iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs") if getattr(args, k) < 1]
-    problems += [f"{k} must be > 0, got {getattr(args, k)}" for k in ("lr", "grad_clip", "clip_ratio", "max_kl")
+    problems += [f"optim.{k} must be > 0, got {getattr(optim, k)}" for k in ("lr", "grad_clip")
+                 if not getattr(optim, k) > 0]
+    problems += [f"{k} must be > 0, got {getattr(args, k)}" for k in ("clip_ratio", "max_kl")
                  if not getattr(args, k) > 0]
     if problems:
         raise InputError("invalid PPO settings: " + "; ".join(problems))
@@ -429,9 +499,7 @@ def ppo(actor, critic, reward_fn: RewardFn, tok, prompts: Sequence[list[dict]], 
         raise InputError("no prompts")
     out = Path(out_dir)
     logs = out.parent / f"{out.name}-logs"
-    (logs / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run; PPO does not resume
-    logger = MetricsLogger(logs)
-    trainer = PPOTrainer(actor, critic, reward_fn, tok, args, reference=reference)
+    trainer = PPOTrainer(actor, critic, reward_fn, tok, args, reference=reference, optim=optim, fit_args=fit_args)
     chat = SamplingConfig.chat(stop_token_ids=[tok.eos_id])
 
     def save(directory: Path) -> None:
@@ -440,10 +508,19 @@ def ppo(actor, critic, reward_fn: RewardFn, tok, prompts: Sequence[list[dict]], 
 
     rng = random.Random(args.seed)
     order: list[int] = []
+    start_it = 0
+    if resume:
+        found = Path(resume) if isinstance(resume, str) else (ckpt.checkpoint_dirs(logs) or [None])[-1]
+        if found is not None:
+            start_it, order = _load_state(found, trainer, rng)
+    if not start_it:
+        (logs / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run
+    logger = MetricsLogger(logs)
+    logger.truncate_after(start_it - 1)  # iterations are logged 0-based; drop what a killed run wrote later
     start = time.time()
-    bar = tqdm(total=args.iterations, desc="ppo", unit="it", disable=not progress)
+    bar = tqdm(total=args.iterations, initial=start_it, desc="ppo", unit="it", disable=not progress)
     try:
-        for it in range(args.iterations):
+        for it in range(start_it, args.iterations):
             batch = []
             while len(batch) < args.rollout_batch_size:
                 if not order:
@@ -456,10 +533,12 @@ def ppo(actor, critic, reward_fn: RewardFn, tok, prompts: Sequence[list[dict]], 
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
             if args.save_every and (it + 1) % args.save_every == 0:
                 save(out.parent / f"{out.name}-iter{it + 1:05d}")
+            if checkpoint.save_every and (it + 1) % checkpoint.save_every == 0 and it + 1 < args.iterations:
+                _save_state(logs, it + 1, trainer, rng, order, checkpoint.keep_last)
     finally:
         bar.close()
         logger.close()
-        metrics = read_metrics(logs / "metrics.jsonl")
+        metrics = read_metrics(logs / "metrics.jsonl") if (logs / "metrics.jsonl").exists() else []
         if metrics:
             plot_ppo(metrics, logs / "ppo_curve.png")
     save(out)
@@ -468,6 +547,6 @@ def ppo(actor, critic, reward_fn: RewardFn, tok, prompts: Sequence[list[dict]], 
                "score_first_10pct": sum(m["score"] for m in first) / len(first),
                "score_last_10pct": sum(m["score"] for m in last) / len(last),
                "kl_last": metrics[-1]["kl"], "kl_max": max(m["kl"] for m in metrics),
-               "settings": asdict(args)}
+               "settings": asdict(args), "optim": asdict(optim)}
     atomic_write_json(logs / "ppo_result.json", summary)
     return summary

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from baichuan2.align.ppo import PPOArgs
+from baichuan2.align.ppo import PPOArgs, ppo_optim
+from baichuan2.train.engine import CheckpointArgs, FitArgs
+from baichuan2.train.optim import OptimArgs
 from baichuan2.utils.io import as_paths
 
 
 def run(checkpoint: str, reward_model: str, prompts: str | list[str], out_dir: str = "runs/ppo", args: PPOArgs = PPOArgs(),
-        critic: str = "", limit: int = 0, dtype: str = "float32", device: str = "auto") -> None:
+        optim: OptimArgs = ppo_optim(), train: FitArgs = FitArgs(precision="fp32"),
+        checkpointing: CheckpointArgs = CheckpointArgs(), resume: bool | str = False, critic: str = "",
+        limit: int = 0, dtype: str = "float32", device: str = "auto") -> None:
     """Optimise CHECKPOINT (the actor, usually the SFT model) against REWARD_MODEL with PPO.
 
     Four models: the actor; a frozen copy of it as the KL reference; the frozen reward model (one score
@@ -28,6 +32,11 @@ def run(checkpoint: str, reward_model: str, prompts: str | list[str], out_dir: s
             instruction or preference pairs (their prompts).
         out_dir: Output actor checkpoint.
         args: PPO settings.
+        optim: AdamW settings of actor and critic (Baichuan 2: constant lr 5e-6, clip 0.5; shared by every verb).
+        train: Precision and the bad-step policy (max_bad_steps) of the engine (shared by every verb).
+        checkpointing: Training-state checkpoints every save_every iterations in OUT_DIR-logs/checkpoints.
+        resume: true to continue from the latest checkpoint in OUT_DIR-logs (the same results as an
+            uninterrupted run), or a checkpoint directory.
         critic: Critic initialisation (a reward-model directory); default: the reward model.
         limit: Use only the first N prompts (0 = all).
         dtype: Weights' dtype for training.
@@ -50,7 +59,7 @@ def run(checkpoint: str, reward_model: str, prompts: str | list[str], out_dir: s
     conversations = conversations[:limit] if limit else conversations
     try:
         s = ppo(actor, value_model, ModelReward(rm, tok.eos_id, args.normalize_reward), tok, conversations, out_dir,
-                args)
+                args, optim=optim, fit_args=train, checkpoint=checkpointing, resume=resume)
     except PPOError as e:
         raise SystemExit(f"ppo stopped: {e}") from None
     print(f"ppo: {s['iterations']} iterations in {s['seconds']} s; mean score {s['score_first_10pct']:.3f} "

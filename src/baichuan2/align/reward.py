@@ -16,8 +16,8 @@ On disk a reward model is an HF-layout LM checkpoint (so the trunk loads anywher
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import random
 import tempfile
 import time
 from collections import defaultdict
@@ -33,6 +33,9 @@ from baichuan2.align.sft import split_holdout
 from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
 from baichuan2.eval.scoring import length_batches, right_pad
 from baichuan2.tokenizer.chat import encode_chat
+from baichuan2.train.engine import CheckpointArgs, EpochObjective, FitArgs
+from baichuan2.train.optim import OptimArgs
+from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import InputError, atomic_write_json, read_json
 
 HEAD_FILE = "value_head.safetensors"
@@ -159,11 +162,7 @@ class RMArgs:
     """Args:
         max_length: Tokens per sequence (left-truncated: chosen and rejected differ at the end).
         epochs: Passes over the training pairs.
-        batch_size: Pairs per optimizer step (both answers go through one forward pass).
-        lr: Peak learning rate (linear warm-up, cosine decay to 10%).
-        warmup_frac: Warm-up as a fraction of the steps.
-        weight_decay: AdamW weight decay.
-        grad_clip: Gradient-norm clip.
+        batch_size: Pairs per optimizer step, all ranks together (both answers go through one forward pass).
         margin: Subtracted from r_c - r_r inside the loss (0 = InstructGPT's loss).
         center_coef: Weight of mean((r_c + r_r)^2), keeping scores centred (0 = off).
         val_fraction: Share of pairs held out for evaluation (when no eval_data is given).
@@ -174,10 +173,6 @@ class RMArgs:
     max_length: int = 512
     epochs: int = 1
     batch_size: int = 16
-    lr: float = 1e-5
-    warmup_frac: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     margin: float = 0.0
     center_coef: float = 0.0
     val_fraction: float = 0.1
@@ -231,54 +226,60 @@ def evaluate_reward_model(rm: RewardModel, pairs: Sequence[EncodedPair], batch_s
     return report
 
 
-def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: Sequence[EncodedPair],
-                       out_dir: str | Path, args: RMArgs = RMArgs(), progress: bool = True) -> dict:
-    """Train ``rm`` in place with the pairwise loss; evaluate before/after; save to ``out_dir``."""
-    from tqdm import tqdm
+def rm_optim(**changes) -> OptimArgs:
+    """The reward model's optimiser defaults: peak LR 1e-5, 3% warm-up, cosine to 10%, no decay, clip 1.0."""
+    return dataclasses.replace(OptimArgs(lr=1e-5, warmup_steps=0, warmup_frac=0.03, weight_decay=0.0,
+                                         grad_clip=1.0), **changes)
 
-    from baichuan2.train.optim import OptimArgs, lr_at, set_lr
-    from baichuan2.utils.metrics import MetricsLogger
+
+class RewardObjective(EpochObjective):
+    """The pairwise loss over a batch of pairs (chosen and rejected in one forward pass), weighted by pairs."""
+
+    name = "reward model"
+
+    def __init__(self, train: Sequence[EncodedPair], pad: int, args: RMArgs):
+        super().__init__(list(train), args.batch_size, args.epochs, args.seed)
+        self.pad, self.args, self.seq_len = pad, args, args.max_length
+
+    def make_micro(self, examples: list, real: bool) -> dict:
+        ids, mask = right_pad([p.chosen for p in examples] + [p.rejected for p in examples], self.pad)
+        return {"input_ids": ids, "attention_mask": mask, "count": len(examples) if real else 0}
+
+    def loss(self, model, micro: dict):
+        device = self.info.device
+        scores = model(micro["input_ids"].to(device), micro["attention_mask"].to(device)).float()
+        half = scores.shape[0] // 2
+        rc, rr = scores[:half], scores[half:]
+        loss = pairwise_loss(rc, rr, self.args.margin, self.args.center_coef)
+        rc, rr = rc.detach(), rr.detach()
+        return loss, {"loss": float(loss.detach()), "accuracy": float((rc > rr).float().mean()),
+                      "margin": float((rc - rr).mean())}
+
+
+def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: Sequence[EncodedPair],
+                       out_dir: str | Path, args: RMArgs = RMArgs(), progress: bool = True,
+                       optim: OptimArgs | None = None, fit_args: FitArgs | None = None,
+                       checkpoint: CheckpointArgs | None = None, parallel: ParallelArgs | None = None,
+                       resume: bool | str = False) -> dict:
+    """Train ``rm`` in place with the pairwise loss on the engine; evaluate before/after; save to ``out_dir``."""
+    from baichuan2.train.engine import fit
+    from baichuan2.train.parallel import init_distributed
 
     if not train:
         raise InputError("no training pairs")
+    optim, fit_args, parallel = optim or rm_optim(), fit_args or FitArgs(precision="fp32"), parallel or ParallelArgs()
+    info = init_distributed(parallel.tp, fit_args.device)
     out = Path(out_dir)
     logs = out.parent / f"{out.name}-logs"
-    logger = MetricsLogger(logs, tensorboard=True)
+    if not resume and info.is_main:
+        (logs / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run
     before = evaluate_reward_model(rm, val) if val else None
-    params = [p for p in rm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    steps = max(1, math.ceil(len(train) / args.batch_size) * args.epochs)
-    schedule = OptimArgs(lr=args.lr, min_lr_ratio=0.1, warmup_steps=max(1, int(args.warmup_frac * steps)))
-    pad = rm.config.pad_token_id or 0
-    rng = random.Random(args.seed + 1)
-    rm.train()
-    start, step = time.time(), 0
-    bar = tqdm(total=steps, desc="reward model", unit="step", disable=not progress)
-    for _ in range(args.epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for k in range(0, len(order), args.batch_size):
-            batch = [train[i] for i in order[k: k + args.batch_size]]
-            ids, mask = right_pad([p.chosen for p in batch] + [p.rejected for p in batch], pad)
-            scores = rm(ids.to(rm.device), mask.to(rm.device))
-            rc, rr = scores[: len(batch)], scores[len(batch):]
-            loss = pairwise_loss(rc, rr, args.margin, args.center_coef)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"reward model: non-finite loss at step {step}; lower the learning rate")
-            set_lr(opt, lr_at(step, schedule, steps))
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            rc, rr = rc.detach(), rr.detach()
-            acc = float((rc > rr).float().mean())
-            logger.log(step, loss=float(loss.detach()), accuracy=acc, margin=float((rc - rr).mean()),
-                       lr=lr_at(step - 1, schedule, steps), grad_norm=float(norm))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
-    bar.close()
-    logger.close()
+    start = time.time()
+    objective = RewardObjective(train, rm.config.pad_token_id or 0, args)
+    res = fit(rm, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
+              progress=progress)
+    if res.stopped_early or info.distributed:  # (multi-process reward models are saved from their checkpoints)
+        return {"steps": res.steps, "stopped_early": res.stopped_early}
     rm.eval()
     # Normalisation constants for PPO: the score distribution over the training answers.
     sample = train[: 512]
@@ -286,9 +287,9 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: 
     rm.score_mean, rm.score_std = float(scores.mean()), float(scores.std()) if len(scores) > 1 else 1.0
     after = evaluate_reward_model(rm, val) if val else None
     rm.save(out, tokenizer=tok, extra={"max_length": args.max_length, "taxonomy": Path(args.taxonomy).name})
-    result = {"train_pairs": len(train), "val_pairs": len(val), "steps": step,
+    result = {"train_pairs": len(train), "val_pairs": len(val), "steps": res.steps,
               "seconds": round(time.time() - start, 1), "val_before": before, "val_after": after,
-              "settings": asdict(args)}
+              "settings": asdict(args), "optim": asdict(optim)}
     atomic_write_json(logs / "rm_result.json", result)
     return result
 

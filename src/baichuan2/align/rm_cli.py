@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from baichuan2.align.reward import RMArgs
+from baichuan2.align.reward import RMArgs, rm_optim
+from baichuan2.train.engine import CheckpointArgs, FitArgs
+from baichuan2.train.optim import OptimArgs
+from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import as_paths, atomic_write_json, atomic_write_text
 
 
@@ -18,7 +21,9 @@ def _pairs(tok, data: str | list[str], args: RMArgs, limit: int):
 
 
 def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval_data: str | list[str] | None = None,
-          args: RMArgs = RMArgs(), limit: int = 0, dtype: str = "float32", device: str = "auto") -> None:
+          args: RMArgs = RMArgs(), optim: OptimArgs = rm_optim(), train: FitArgs = FitArgs(),
+          checkpointing: CheckpointArgs = CheckpointArgs(), resume: bool | str = False, limit: int = 0,
+          dtype: str = "float32", device: str = "auto") -> None:
     """Train a reward model (LM trunk + scalar head on the last token) with -log sigmoid(r_chosen - r_rejected).
 
     Data: preference pairs as hh-rlhf transcripts, ShareGPT/LLaMA-Factory DPO records, {"prompt" |
@@ -32,7 +37,11 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
         data: Preference files (JSON or JSONL, also .gz).
         out_dir: Output reward-model directory (OUT_DIR-logs/ holds metrics and the report).
         eval_data: Held-out preference files (default: args.val_fraction of data).
-        args: Training settings.
+        args: Data and loss settings.
+        optim: AdamW and LR schedule (shared by every training verb).
+        train: The training loop: micro-batch, precision, compile, bad-step policy (shared by every verb).
+        checkpointing: Training-state checkpoints in OUT_DIR-logs/checkpoints (save_every, keep_last).
+        resume: true for the latest checkpoint in OUT_DIR-logs, or a checkpoint directory.
         limit: Use only the first N pairs of data (0 = all).
         dtype: Training dtype of the weights.
         device: auto | cpu | cuda | cuda:N.
@@ -41,16 +50,25 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
     from baichuan2.align.sft import split_holdout
     from baichuan2.model.checkpoint import load_pretrained
     from baichuan2.tokenizer import Tokenizer
+    from baichuan2.train.engine import TrainingError
 
     tok = Tokenizer.from_pretrained(checkpoint)
     lm = load_pretrained(checkpoint, dtype=dtype, device=device)
+    train.device = device
     args.max_length = min(args.max_length, lm.config.max_position_embeddings)
     pairs = _pairs(tok, data, args, limit)
     if eval_data:
         train_pairs, val = pairs, _pairs(tok, eval_data, args, 0)
     else:
         train_pairs, val = split_holdout(pairs, args.val_fraction, args.seed)
-    res = train_reward_model(RewardModel(lm), tok, train_pairs, val, out_dir, args)
+    try:
+        res = train_reward_model(RewardModel(lm), tok, train_pairs, val, out_dir, args, optim=optim, fit_args=train,
+                                 checkpoint=checkpointing, resume=resume)
+    except TrainingError as e:
+        raise SystemExit(f"rm: {e}") from None
+    if "val_after" not in res:
+        print(f"rm: stopped after step {res['steps']}; resume with --resume true")
+        return
     print(f"rm: {res['steps']} steps on {res['train_pairs']} pairs in {res['seconds']} s; saved {out_dir}")
     if res["val_after"]:
         print(f"held-out accuracy {res['val_before']['accuracy']:.2f}% -> {res['val_after']['accuracy']:.2f}%")

@@ -5,12 +5,14 @@ official fine-tune.py semantics); user and system tokens carry no loss. Accepted
 auto-detected per record): ``{"messages": [{"role", "content"}]}``, ShareGPT
 ``{"conversations": [{"from", "value"}]}`` and Alpaca ``{"instruction", "input", "output"}``.
 Full fine-tuning, or LoRA through ``peft`` (merged into the weights when saved, so the output is a
-plain checkpoint). The result is an HF-layout directory with the tokenizer, written atomically.
+plain checkpoint). Training runs on the engine (``train.engine.fit``: bf16, micro-batches weighted by
+assistant tokens, FSDP2/TP under torchrun, the bad-step policy, exact resume). The result is an
+HF-layout directory with the tokenizer, written atomically.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +22,10 @@ from pathlib import Path
 import torch
 
 from baichuan2.tokenizer.chat import encode_chat
+from baichuan2.train.engine import (CheckpointArgs, EpochObjective, FitArgs,  # noqa: F401 (re-exported)
+                                    epoch_batches, rank_share)
+from baichuan2.train.optim import OptimArgs
+from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import InputError, atomic_write_json, iter_records
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -70,11 +76,7 @@ class SFTArgs:
     """Args:
         max_length: Longest training sequence in tokens (longer conversations are truncated).
         epochs: Passes over the data.
-        batch_size: Conversations per optimizer step.
-        lr: Peak learning rate (linear warm-up, cosine decay to 10%).
-        warmup_frac: Warm-up as a fraction of the steps.
-        weight_decay: AdamW weight decay.
-        grad_clip: Gradient-norm clip.
+        batch_size: Conversations (or packed rows) per optimizer step, all ranks together.
         val_fraction: Share of conversations held out for the validation loss.
         seed: Shuffle and split seed.
         pack: Pack whole conversations into max_length rows (best-fit decreasing); each keeps its own
@@ -85,14 +87,16 @@ class SFTArgs:
     max_length: int = 512
     epochs: int = 1
     batch_size: int = 8
-    lr: float = 2e-5
-    warmup_frac: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     val_fraction: float = 0.05
     seed: int = 0
     pack: bool = False
     lora: LoraArgs = field(default_factory=LoraArgs)
+
+
+def sft_optim(**changes) -> OptimArgs:
+    """SFT's optimiser defaults: peak LR 2e-5, 3% warm-up, cosine to 10%, no weight decay, clip 1.0."""
+    return dataclasses.replace(OptimArgs(lr=2e-5, warmup_steps=0, warmup_frac=0.03, weight_decay=0.0,
+                                         grad_clip=1.0), **changes)
 
 
 def split_holdout(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
@@ -153,16 +157,77 @@ def assistant_loss(model, rows: list[tuple[list[int], list[int]]], pad: int, bat
     return evaluate_loss(model, _batch(rows, pad), batch_size, model.device)
 
 
-def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, args: SFTArgs = SFTArgs(),
-        progress: bool = True) -> dict:
-    """Fine-tune ``model`` in place on ``conversations``; save the result to ``out_dir``; return metrics."""
-    from tqdm import tqdm
+class SFTObjective(EpochObjective):
+    """Cross-entropy on the assistant's tokens, weighted by target tokens across micro-batches and ranks."""
 
+    name = "sft"
+
+    def __init__(self, train: list[tuple], val: list[tuple], pad: int, args: SFTArgs):
+        super().__init__(train, args.batch_size, args.epochs, args.seed)
+        self.val, self.pad, self.seq_len = val, pad, args.max_length
+
+    def make_micro(self, examples: list, real: bool) -> dict:
+        b = _batch(examples, self.pad)
+        b["count"] = int((b["targets"] != -100).sum()) if real else 0
+        return b
+
+    def loss(self, model, micro: dict):
+        device = self.info.device
+        res = model(micro["input_ids"].to(device), micro["targets"].to(device),
+                    attention_mask=micro["attention_mask"].to(device), return_logits=False)
+        return res.loss, {"loss": float(res.ce_loss)}
+
+    def evaluate(self, model, autocast) -> dict[str, float]:
+        from baichuan2.train.trainer import evaluate_loss
+
+        if not self.val:
+            return {}
+        return {"val_loss": evaluate_loss(model, _batch(self.val, self.pad), 8, self.info.device, autocast)}
+
+
+def apply_lora(model, lora: LoraArgs):
+    """``model`` wrapped with trainable LoRA adapters (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.targets)))
+
+
+def plain_model(trained, info=None):
+    """The trained model as a plain single-process ``Baichuan`` on CPU or its device: LoRA adapters merged,
+    FSDP/TP shards gathered (every rank must call; other ranks get ``None`` under torchrun)."""
+    if hasattr(trained, "merge_and_unload"):
+        trained = trained.merge_and_unload()
+    if info is None or not info.distributed:
+        return trained
+    from baichuan2.model.model import Baichuan
+    from baichuan2.train.checkpoint import full_model_state
+
+    state = full_model_state(trained)
+    if not info.is_main:
+        return None
+    with torch.device("meta"):
+        cpu_model = Baichuan(trained.config)
+    cpu_model.load_state_dict(state, assign=True)
+    return cpu_model
+
+
+def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, args: SFTArgs = SFTArgs(),
+        progress: bool = True, optim: OptimArgs | None = None, fit_args: FitArgs | None = None,
+        checkpoint: CheckpointArgs | None = None, parallel: ParallelArgs | None = None,
+        resume: bool | str = False) -> dict:
+    """Fine-tune ``model`` on ``conversations`` with the training engine; save to ``out_dir``; return metrics.
+
+    ``out_dir-logs/`` holds metrics.jsonl (+ TensorBoard), the training checkpoints and sft_result.json."""
     from baichuan2.model.checkpoint import save_pretrained
     from baichuan2.model.generate import SamplingConfig
-    from baichuan2.train.optim import OptimArgs, lr_at, set_lr
-    from baichuan2.utils.metrics import MetricsLogger
+    from baichuan2.train.engine import fit
+    from baichuan2.train.parallel import init_distributed
 
+    optim = optim or sft_optim()
+    fit_args = fit_args or FitArgs(precision="fp32")
+    parallel = parallel or ParallelArgs()
+    info = init_distributed(parallel.tp, fit_args.device)
     limit = min(args.max_length, model.config.max_position_embeddings)
     rows = [encode_chat(tok, msgs, limit) for msgs in conversations]
     rows = [r for r in rows if any(t != -100 for t in r[1])]  # nothing to learn without assistant tokens
@@ -171,53 +236,31 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
     train, val = split_holdout(rows, args.val_fraction, args.seed)
     if args.pack:
         train = pack_rows(train, limit)
-    steps = max(1, math.ceil(len(train) / args.batch_size) * args.epochs)
     pad = model.config.pad_token_id or 0
 
-    trainable = model
-    if args.lora.r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        trainable = get_peft_model(model, LoraConfig(r=args.lora.r, lora_alpha=args.lora.alpha,
-                                                     lora_dropout=args.lora.dropout,
-                                                     target_modules=list(args.lora.targets)))
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    schedule = OptimArgs(lr=args.lr, min_lr_ratio=0.1, warmup_steps=max(1, int(args.warmup_frac * steps)))
-
     out = Path(out_dir)
-    logger = MetricsLogger(out.parent / f"{out.name}-logs", tensorboard=False)
-    before = assistant_loss(model, val, pad) if val else None
-    trainable.train()
-    start, step = time.time(), 0
-    bar = tqdm(total=steps, desc="sft", unit="step", disable=not progress)
-    rng = random.Random(args.seed + 1)
-    for _ in range(args.epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for k in range(0, len(order), args.batch_size):
-            b = _batch([train[i] for i in order[k: k + args.batch_size]], pad)
-            set_lr(opt, lr_at(step, schedule, steps))
-            res = trainable(b["input_ids"].to(model.device), b["targets"].to(model.device),
-                            attention_mask=b["attention_mask"].to(model.device), return_logits=False)
-            res.loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            logger.log(step, loss=float(res.ce_loss), lr=lr_at(step - 1, schedule, steps), grad_norm=float(norm))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(res.ce_loss):.3f}")
-    bar.close()
-    if args.lora.r > 0:
-        model = trainable.merge_and_unload()
+    logs = out.parent / f"{out.name}-logs"
+    if not resume and info.is_main:
+        (logs / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run
+    before = assistant_loss(model.to(info.device), val, pad) if val else None
+    trainable = apply_lora(model, args.lora) if args.lora.r > 0 else model
+    start = time.time()
+    objective = SFTObjective(train, val, pad, dataclasses.replace(args, max_length=limit))
+    res = fit(trainable, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
+              progress=progress)
+    if res.stopped_early:
+        return {"steps": res.steps, "stopped_early": True}
+    model = plain_model(res.model, info)
+    if model is None:
+        return {"steps": res.steps}
     model.eval()
     after = assistant_loss(model, val, pad) if val else None
     chat = SamplingConfig.chat(stop_token_ids=[tok.eos_id])  # Baichuan 2-Chat's sampling defaults
     save_pretrained(model, out, tokenizer=tok, overwrite=True,
                     generation_config=chat.to_generation_config(pad, tok.bos_id, tok.eos_id, tok.user_id, tok.assistant_id))
-    metrics = {"train_conversations": len(rows) - len(val), "train_rows": len(train), "val_conversations": len(val), "steps": step,
-               "val_loss_before": before, "val_loss_after": after, "seconds": round(time.time() - start, 1),
-               "lora_r": args.lora.r, "settings": asdict(args)}
-    atomic_write_json(out.parent / f"{out.name}-logs" / "sft_result.json", metrics)
+    metrics = {"train_conversations": len(rows) - len(val), "train_rows": len(train), "val_conversations": len(val),
+               "steps": res.steps, "val_loss_before": before, "val_loss_after": after,
+               "seconds": round(time.time() - start, 1), "lora_r": args.lora.r, "settings": asdict(args),
+               "optim": asdict(optim)}
+    atomic_write_json(logs / "sft_result.json", metrics)
     return metrics

@@ -243,7 +243,8 @@ def stage_sample(r: PipelineRecipe, out: Path) -> dict:
 
 def stage_sft(r: PipelineRecipe, out: Path) -> dict:
     """Fine-tune the released model on the bundled English/Chinese chatterbot dialogues; ask it something."""
-    from baichuan2.align.sft import SFTArgs, sft
+    from baichuan2.align.sft import SFTArgs, sft, sft_optim
+    from baichuan2.train.engine import CheckpointArgs
     from baichuan2.model.checkpoint import load_pretrained
     from baichuan2.pipeline.corpus import chatterbot_documents
     from baichuan2.serve.engine import Engine
@@ -252,11 +253,10 @@ def stage_sft(r: PipelineRecipe, out: Path) -> dict:
     ckpt = read_json(out / "stages" / "pretrain.json")["release_dir"]
     convs = [d["messages"] for d in chatterbot_documents() if d["doc_id"].split(":")[1].split("/")[0]
              in ("english", "chinese")]
-    args = SFTArgs(max_length=r.ladder.seq_len, epochs=r.sft_epochs, batch_size=16, lr=r.sft_lr, val_fraction=0.05)
-    old_log = out / "sft-logs" / "metrics.jsonl"
-    if old_log.exists():  # SFT restarts from its first step: keep the interrupted session's log beside the new one
-        old_log.replace(old_log.with_name(f"metrics.interrupted-{int(old_log.stat().st_mtime)}.jsonl"))
-    m = sft(load_pretrained(ckpt), Tokenizer.from_pretrained(ckpt), convs, out / "sft", args)
+    args = SFTArgs(max_length=r.ladder.seq_len, epochs=r.sft_epochs, batch_size=16, val_fraction=0.05)
+    # SFT runs on the training engine: it checkpoints like pretraining and a re-run resumes from the last one
+    m = sft(load_pretrained(ckpt), Tokenizer.from_pretrained(ckpt), convs, out / "sft", args,
+            optim=sft_optim(lr=r.sft_lr), checkpoint=CheckpointArgs(save_every=r.checkpoint_every), resume=True)
     engine = Engine(str(out / "sft"))
     cfg = engine.sampling(temperature=0, max_new_tokens=32)
     answers = {q: engine.complete(engine.chat_prompt([{"role": "user", "content": q}], 32), cfg).text

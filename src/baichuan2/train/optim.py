@@ -10,6 +10,7 @@ modern recipes do.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,7 +27,14 @@ class OptimArgs:
     weight_decay: float = 0.1
     grad_clip: float = 0.5
     warmup_steps: int = 2000
+    warmup_frac: float = 0.0  # > 0: warm-up over this fraction of the run's steps instead (at least 1 step)
     decay_embeddings: bool = False
+
+    def for_run(self, max_steps: int) -> OptimArgs:
+        """These settings with ``warmup_frac`` resolved to a step count for a run of ``max_steps``."""
+        if self.warmup_frac <= 0:
+            return self
+        return dataclasses.replace(self, warmup_steps=max(1, int(self.warmup_frac * max_steps)), warmup_frac=0.0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:

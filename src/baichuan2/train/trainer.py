@@ -1,13 +1,10 @@
-"""The pretraining loop: one plain function, ``pretrain(PretrainConfig) -> PretrainResult``.
+"""Pretraining: ``pretrain(PretrainConfig) -> PretrainResult``, the first objective of the engine.
 
-Per step: read this rank's rows of the global batch (``data.step_rows``), run
-micro-batches under bf16 autocast (fp32 master weights and optimizer state;
-RoPE and norms are fp32 inside the model), weight each micro-batch's loss by
-its share of the global batch's target tokens (so the loss is a token mean
-whatever the micro-batching or world size), clip the global gradient norm,
-set the LR from the step (warm-up + cosine: no scheduler state to lose) and
-step AdamW.  A non-finite loss or gradient skips the step (nothing is
-applied, nothing is saved) and too many in a row stop the run with a message.
+``PretrainObjective`` reads this rank's rows of the global batch (``data.step_rows``, a pure function of
+the step) and returns the token-weighted cross-entropy + max-z loss; ``train.engine.fit`` does the rest
+(bf16 autocast with fp32 master weights, micro-batch accumulation weighted by each micro-batch's share of
+the global batch's target tokens, FSDP2/TP, clipping, warm-up + cosine, the bad-step policy, exact
+resume).  Released HF checkpoints follow a token schedule.
 """
 
 from __future__ import annotations
@@ -23,8 +20,10 @@ from typing import Any, Literal
 import torch
 
 from baichuan2.train.data import LoaderState, PackedDataset, step_rows
-from baichuan2.train.optim import OptimArgs, build_optimizer, lr_at, set_lr
-from baichuan2.train.parallel import DistInfo, ParallelArgs, all_reduce_sum, clip_grad_norm
+from baichuan2.train.engine import (CheckpointArgs, FitArgs, Objective, TrainingError,  # noqa: F401 (re-exported)
+                                    resolve_precision)
+from baichuan2.train.optim import OptimArgs
+from baichuan2.train.parallel import DistInfo, ParallelArgs
 from baichuan2.utils.validate import require_ints
 
 
@@ -58,37 +57,24 @@ class DataArgs:
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(FitArgs):
+    """Pretraining's loop settings: the engine's FitArgs plus the batch in tokens and the run's length.
+
+    Args:
+        global_batch_tokens: Tokens per optimizer step (all ranks together).
+        max_steps: Optimizer steps (0: derived from max_tokens).
+        max_tokens: Training tokens (when max_steps is 0).
+    """
+
     global_batch_tokens: int = 16384
     micro_batch_size: int = 4
-    max_steps: int = 0  # 0: derived from max_tokens
+    max_steps: int = 0
     max_tokens: int = 0
-    stop_after: int = 0  # stop (and checkpoint) after this many steps in this session; 0 = run to the end
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it natively
-    compile: bool = False  # torch.compile each decoder layer
-    activation_checkpointing: bool = False
-    log_every: int = 1
-    eval_every: int = 0
-    max_bad_steps: int = 5  # consecutive non-finite steps before giving up
-    device: str = "auto"
-    seed: int = 0
-    threads: int = 0  # torch CPU threads (0 = default)
 
     def __post_init__(self) -> None:
-        require_ints(self, "train", "global_batch_tokens", "micro_batch_size", "log_every", "max_bad_steps")
-        require_ints(self, "train", "max_steps", "max_tokens", "stop_after", "eval_every", "threads", minimum=0)
-
-
-@dataclass
-class CheckpointArgs:
-    save_every: int = 0  # steps between training-state checkpoints (0 = only at the end)
-    keep_last: int = 2
-    release_every_tokens: int = 0  # release a HF checkpoint each time this many more tokens are seen
-    release_final: bool = True
-    release_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-
-    def __post_init__(self) -> None:
-        require_ints(self, "checkpoint", "save_every", "keep_last", "release_every_tokens", minimum=0)
+        super().__post_init__()
+        require_ints(self, "train", "global_batch_tokens", "micro_batch_size")
+        require_ints(self, "train", "max_steps", "max_tokens", minimum=0)
 
 
 @dataclass
@@ -116,26 +102,6 @@ class PretrainResult:
     stopped_early: bool = False
 
 
-class TrainingError(RuntimeError):
-    pass
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_native_bf16() else "fp32"
-
-
 def build_model(cfg: PretrainConfig, vocab_size: int | None, device: torch.device):
     from baichuan2.model import Baichuan, ModelConfig, load_pretrained
 
@@ -154,22 +120,86 @@ def build_model(cfg: PretrainConfig, vocab_size: int | None, device: torch.devic
     return model.to(device)
 
 
-def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResult:
-    from tqdm import tqdm
+class PretrainObjective(Objective):
+    """Next-token prediction on packed token shards: the rows of the global batch ``step`` (a pure function
+    of the step, so resuming on any world size reads the same rows), token-weighted cross-entropy plus
+    max-z loss, held-out loss, released checkpoints on a token schedule."""
 
+    name = "pretrain"
+
+    def __init__(self, cfg: PretrainConfig, dataset: PackedDataset, max_steps: int, rows_per_step: int,
+                 val_batch: dict | None, tokenizer_dir: str | None, start_tokens: int = 0):
+        self.cfg, self.dataset, self.max_steps, self.rows_per_step = cfg, dataset, max_steps, rows_per_step
+        self.val_batch, self.tokenizer_dir, self.seq_len = val_batch, tokenizer_dir, cfg.data.seq_len
+        self.info = DistInfo()
+        self.val_loss: float | None = None
+        self.release_dtype = {"auto": None, "float32": torch.float32,
+                              "bfloat16": torch.bfloat16}[cfg.checkpoint.release_dtype]
+
+    def setup(self, model, info: DistInfo) -> None:
+        self.info, self.z_weight = info, model.config.z_loss_weight
+
+    def total_steps(self) -> int:
+        return self.max_steps
+
+    def micro_batches(self, step: int, micro_batch_size: int) -> list[dict]:
+        rows = step_rows(step * self.rows_per_step, self.rows_per_step, self.info.dp_rank, self.info.dp_world)
+        batch = self.dataset.batch(rows)
+        return [{k: v[s: s + micro_batch_size] for k, v in batch.items()}
+                for s in range(0, len(rows), micro_batch_size)]
+
+    def count(self, micro: dict) -> float:
+        return int((micro["targets"] != -100).sum())
+
+    def tokens(self, micro: dict) -> int:
+        return int(micro["input_ids"].numel())
+
+    def loss(self, model, micro: dict):
+        device = self.info.device
+        out = model(micro["input_ids"].to(device), micro["targets"].to(device),
+                    attention_mask=micro["attention_mask"].to(device), return_logits=False)
+        return out.loss, {"ce_loss": float(out.ce_loss), "z_loss": float(out.z_loss)}
+
+    def summarize(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        n = max(count, 1.0)
+        return {"loss": (sums["ce_loss"] + self.z_weight * sums["z_loss"]) / n, "ce_loss": sums["ce_loss"] / n,
+                "z_loss": sums["z_loss"] / n}
+
+    def evaluate(self, model, autocast) -> dict[str, float]:
+        if self.val_batch is None:
+            return {}
+        self.val_loss = evaluate_loss(model, self.val_batch, self.cfg.train.micro_batch_size, self.info.device,
+                                      autocast)
+        return {"val_loss": self.val_loss}
+
+    def after_step(self, model, step: int, metrics: dict, info: DistInfo) -> None:
+        from baichuan2.train import checkpoint as ckpt
+
+        every, tokens = self.cfg.checkpoint.release_every_tokens, metrics["tokens"]
+        tokens_per_step = self.rows_per_step * self.seq_len
+        if every and tokens // every > (tokens - tokens_per_step) // every:
+            ckpt.release_checkpoint(self.cfg.out_dir, model, (tokens // every) * every, step, metrics["loss"],
+                                    info.rank, self.tokenizer_dir, self.release_dtype)
+
+    def state_dict(self, step: int) -> dict:
+        return {"loader": LoaderState(step * self.rows_per_step).state_dict()}
+
+    def flops_per_token(self, model) -> float:
+        return model.config.flops_per_token(self.seq_len)
+
+
+def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResult:
     from baichuan2.tokenizer.shards import read_manifest
     from baichuan2.train import checkpoint as ckpt
-    from baichuan2.train.mfu import peak_flops
-    from baichuan2.train.parallel import init_distributed, parallelize
+    from baichuan2.train.engine import fit
+    from baichuan2.train.parallel import init_distributed
     from baichuan2.utils.io import atomic_write_text
-    from baichuan2.utils.metrics import MetricsLogger
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     info = info or init_distributed(cfg.parallel.tp, cfg.train.device)
     run_dir = Path(cfg.out_dir)
     t = cfg.train
-    precision = resolve_precision(t.precision, info.device)
 
     shard_dirs = [cfg.data.shards] if isinstance(cfg.data.shards, str) else list(cfg.data.shards)
     if not shard_dirs or not all(shard_dirs):
@@ -194,141 +224,32 @@ def pretrain(cfg: PretrainConfig, info: DistInfo | None = None) -> PretrainResul
 
     model = build_model(cfg, vocab_size, info.device)
     model_cfg = model.config
-    if t.activation_checkpointing:
-        model.model.gradient_checkpointing = True
-    model = parallelize(model, info, cfg.parallel)
-    if t.compile:
-        for layer in model.model.layers:
-            layer.compile()
-    optimizer = build_optimizer(model, cfg.optim)
-
-    start_step, next_row, tokens_seen, bad_streak = 0, 0, 0, 0
-    resume_from, state = None, {}
-    if cfg.resume:
-        resume_from = Path(cfg.resume) if isinstance(cfg.resume, str) else (ckpt.checkpoint_dirs(run_dir) or [None])[-1]
-        if resume_from is None:
-            if info.is_main:
-                print(f"no checkpoint in {run_dir}/checkpoints; starting from scratch")
-        else:
-            state = ckpt.load_training_state(resume_from, model, optimizer, info.rank)
-            start_step, next_row = state["step"], state["loader"]["next_row"]
-            tokens_seen, bad_streak = state["tokens"], state.get("bad_streak", 0)
-    logger = MetricsLogger(run_dir, enabled=info.is_main)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        logger.truncate_after(start_step)  # lines a killed run wrote after its last checkpoint
         import yaml
 
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False,
                                                                   allow_unicode=True))
-    flops_per_token = model_cfg.flops_per_token(seq)
-    peak, peak_source = peak_flops(info.device, precision)
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    if info.is_main:
-        print(f"pretraining {model_cfg.num_params() / 1e6:.2f}M params ({model_cfg.num_params(True) / 1e6:.2f}M "
-              f"non-embedding), {max_steps} steps x {tokens_per_step:,} tokens, {precision}, "
-              f"world {info.world} (dp {info.dp_world}, tp {cfg.parallel.tp}), from step {start_step}")
-
     val_batch = None
     if cfg.data.val_shards:
         val = PackedDataset(cfg.data.val_shards, seq, seed=0, use_doc_weights=False)
         # no row twice (PackedDataset already refuses a set shorter than one row)
         val_batch = val.batch(list(range(min(cfg.data.val_rows, val.rows_in_epoch(0)))))
-
-    release_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.checkpoint.release_dtype]
-    # restored on resume, so a resumed run reports the same numbers as an uninterrupted one
-    losses: list[float] = list(state.get("recent_losses", []))
-    val_loss = state.get("val_loss")
-    last_loss = state.get("loss", float("nan"))
-    tail_steps = max(1, max_steps // 10)
-    stop_at = min(max_steps, start_step + t.stop_after) if t.stop_after else max_steps
-    progress = tqdm(total=max_steps, initial=start_step, disable=not info.is_main, desc="pretrain", unit="step")
-    step = start_step
-    micro_batches = rows_per_step // info.dp_world // t.micro_batch_size
-    while step < stop_at:
-        t0 = time.perf_counter()
-        rows = step_rows(next_row, rows_per_step, info.dp_rank, info.dp_world)
-        batch = dataset.batch(rows)
-        valid_local = int((batch["targets"] != -100).sum())
-        (valid_global,) = all_reduce_sum([float(valid_local)], info)
-        sums = [0.0, 0.0, 0.0]  # ce * n, z * n, non-finite flag
-        model.train()
-        for m in range(micro_batches):
-            sl = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
-            inputs = {k: v[sl].to(info.device) for k, v in batch.items()}
-            n = int((inputs["targets"] != -100).sum())
-            sync = contextlib.nullcontext()
-            if info.distributed and hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(m == micro_batches - 1)
-            with sync, autocast:
-                out = model(inputs["input_ids"], inputs["targets"], attention_mask=inputs["attention_mask"],
-                            return_logits=False)
-            scale = n / max(valid_global, 1.0) * info.dp_world  # FSDP averages gradients over dp ranks
-            (out.loss * scale).backward()
-            if not torch.isfinite(out.loss):
-                sums[2] = 1.0
-            sums[0] += float(out.ce_loss) * n
-            sums[1] += float(out.z_loss) * n
-        ce_sum, z_sum, bad = all_reduce_sum(sums, info)
-        loss = (ce_sum + model_cfg.z_loss_weight * z_sum) / max(valid_global, 1.0)
-        grad_norm = clip_grad_norm(list(model.parameters()), cfg.optim.grad_clip)
-        lr = lr_at(step, cfg.optim, max_steps)
-        if bad or not math.isfinite(loss) or not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)  # skip: apply nothing from this batch
-            bad_streak += 1
-            logger.log(step + 1, event="skipped_non_finite", loss=loss, grad_norm=float(grad_norm), lr=lr)
-            if info.is_main:
-                print(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_streak} in a row)")
-            if bad_streak >= t.max_bad_steps:
-                progress.close()
-                raise TrainingError(f"{bad_streak} consecutive non-finite steps at step {step + 1}; stopping. "
-                                    f"Last good checkpoint: {(ckpt.checkpoint_dirs(run_dir) or ['none'])[-1]}. "
-                                    "Lower the LR, check the data, or resume with a different seed.")
-        else:
-            bad_streak = 0
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        next_row += rows_per_step
-        tokens_seen += tokens_per_step
-        last_loss = loss
-        if math.isfinite(loss):
-            losses.append(loss)
-        dt = time.perf_counter() - t0
-        tok_s = tokens_per_step / dt
-        mfu = flops_per_token * tok_s / (peak * info.world) if peak == peak else float("nan")
-        if step % t.log_every == 0 or step == stop_at:
-            logger.log(step, loss=loss, ce_loss=ce_sum / max(valid_global, 1.0),
-                       z_loss=z_sum / max(valid_global, 1.0), lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
-                       tokens_per_s=tok_s, mfu=mfu, step_time=dt)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu == mfu else "?")
-        if val_batch is not None and ((t.eval_every and step % t.eval_every == 0) or step == max_steps):
-            val_loss = evaluate_loss(model, val_batch, t.micro_batch_size, info.device, autocast)
-            logger.log(step, val_loss=val_loss)
-        every = cfg.checkpoint.release_every_tokens
-        if every and tokens_seen // every > (tokens_seen - tokens_per_step) // every:
-            ckpt.release_checkpoint(run_dir, model, (tokens_seen // every) * every, step, loss, info.rank,
-                                    tokenizer_dir, release_dtype)
-        save_due = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
-        if save_due or step == stop_at:
-            ckpt.save_training_state(run_dir, step, model, optimizer,
-                                     {"step": step, "tokens": tokens_seen, "loader": LoaderState(next_row).state_dict(),
-                                      "bad_streak": bad_streak, "loss": loss, "max_steps": max_steps,
-                                      "val_loss": val_loss, "recent_losses": losses[-tail_steps:]},
-                                     info.rank, info.distributed, cfg.checkpoint.keep_last)
-    progress.close()
+    objective = PretrainObjective(cfg, dataset, max_steps, rows_per_step, val_batch, tokenizer_dir)
+    banner = (f"pretraining {model_cfg.num_params() / 1e6:.2f}M params ({model_cfg.num_params(True) / 1e6:.2f}M "
+              f"non-embedding), {tokens_per_step:,} tokens a step")
+    res = fit(model, objective, run_dir, cfg.optim, t, cfg.checkpoint, cfg.parallel, cfg.resume, info, banner=banner)
     release_dir = None
-    if step >= max_steps and cfg.checkpoint.release_final:
-        release_dir = ckpt.release_checkpoint(run_dir, model, tokens_seen, step, last_loss, info.rank, tokenizer_dir,
-                                              release_dtype, name="final")
-    logger.close()
-    tail = losses[-tail_steps:] if losses else [float("nan")]
-    return PretrainResult(run_dir=str(run_dir), steps=step, tokens=tokens_seen, final_loss=last_loss,
-                          smoothed_loss=sum(tail) / len(tail), val_loss=val_loss,
-                          release_dir=str(release_dir) if release_dir else None, flops_per_token=flops_per_token,
-                          stopped_early=step < max_steps)
+    if res.steps >= max_steps and cfg.checkpoint.release_final:
+        release_dir = ckpt.release_checkpoint(run_dir, res.model, res.tokens, res.steps, res.last_loss, info.rank,
+                                              tokenizer_dir, objective.release_dtype, name="final")
+    # res.losses holds at least the last 10% of max_steps even across a resume (the engine checkpoints
+    # that tail), so a resumed run reports the same numbers as an uninterrupted one
+    tail = res.losses[-max(1, max_steps // 10):] or [float("nan")]
+    return PretrainResult(run_dir=str(run_dir), steps=res.steps, tokens=res.tokens, final_loss=res.last_loss,
+                          smoothed_loss=sum(tail) / len(tail), val_loss=res.evals.get("val_loss", objective.val_loss),
+                          release_dir=str(release_dir) if release_dir else None,
+                          flops_per_token=model_cfg.flops_per_token(seq), stopped_early=res.stopped_early)
 
 
 @torch.no_grad()
