@@ -17,6 +17,7 @@ import pyarrow.dataset as ds
 from baichuan2.data.embed import EmbedArgs
 from baichuan2.data.pipeline import DataRecipe, run_pipeline
 from baichuan2.data.readers import InputSpec, read_records
+from tests.reliability.procs import alive, pool_workers
 
 SRC = Path(__import__("baichuan2").__file__).resolve().parents[1]  # the sources under test
 
@@ -109,29 +110,6 @@ LocalExecutor(2).map(time.sleep, [(120,), (120,)])
 """
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid and b"spawn_main" in cmd:
-                out.append(int(d.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_workers_die_with_a_killed_parent():
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-c", KILLED], env=env)
@@ -140,17 +118,17 @@ def test_workers_die_with_a_killed_parent():
         workers: list[int] = []
         while time.time() < deadline and len(workers) < 2:
             time.sleep(0.2)
-            workers = _children(proc.pid)
+            workers = pool_workers(proc.pid)
         assert len(workers) == 2, "the pool never started"
         time.sleep(3)  # let them reach the task (past the initializer)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 30
-        while time.time() < deadline and any(_alive(w) for w in workers):
+        while time.time() < deadline and any(alive(w) for w in workers):
             time.sleep(0.2)
-        assert not any(_alive(w) for w in workers), "workers outlived their parent"
+        assert not any(alive(w) for w in workers), "workers outlived their parent"
     finally:
-        for w in _children(proc.pid):
+        for w in pool_workers(proc.pid):
             os.kill(w, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()

@@ -15,38 +15,9 @@ import pytest
 
 from baichuan2.tokenizer.shards import TokenShards
 from tests.conftest import shared_path
+from tests.reliability.procs import alive, pool_workers
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _children(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _is_pool_worker(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"spawn_main" in cmdline
 
 
 def _write_corpus(path: Path, docs: int, repeat: int) -> Path:
@@ -76,20 +47,20 @@ def test_workers_die_with_a_killed_encode(tmp_path):
         deadline = time.monotonic() + 120
         while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
-            workers = [p for p in _children(proc.pid) if _is_pool_worker(p)]
+            workers = pool_workers(proc.pid)
         assert len(workers) == 2, "the encode workers never started"
         time.sleep(1.5)  # they load the tokenizer and start encoding their shards
         assert proc.poll() is None, "encode finished before it could be killed; make the corpus larger"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 2.5  # the watchdog polls every second; PR_SET_PDEATHSIG is immediate
-        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        survivors = [p for p in workers if _alive(p)]
+        survivors = [p for p in workers if alive(p)]
         assert not survivors, f"{len(survivors)} of {len(workers)} workers outlived the killed encode"
     finally:
         for pid in workers:  # never leave our own strays behind, whatever happened above
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
