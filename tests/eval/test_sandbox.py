@@ -36,6 +36,12 @@ def test_an_infinite_loop_times_out():
     assert time.monotonic() - start < 30
 
 
+def test_running_out_of_cpu_time_is_a_timeout_too():
+    # which limit fires first depends on the machine's load; an idle CPU hits the CPU-time one
+    v = run_program("while True:\n    pass", Limits(timeout=120.0, cpu_seconds=1, memory_mb=1024))
+    assert v.status == "timeout" and "timed out" in v.reason and not v.passed
+
+
 def test_a_ten_gigabyte_allocation_fails_with_memory_error():
     v = run_program("x = bytearray(10 * 1024 ** 3)\nprint(len(x))", FAST)
     assert v.status == "failed" and "MemoryError" in v.reason

@@ -87,10 +87,13 @@ def interpreter() -> str:
 def _limit_child(limits: Limits):
     def apply() -> None:  # runs in the child between fork and exec (after the uid switch)
         mem = limits.memory_mb << 20
-        for what, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, limits.cpu_seconds),
-                            (resource.RLIMIT_FSIZE, OUTPUT_LIMIT), (resource.RLIMIT_NOFILE, limits.open_files),
-                            (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, limits.processes)):
+        for what, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, OUTPUT_LIMIT),
+                            (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_CORE, 0),
+                            (resource.RLIMIT_NPROC, limits.processes)):
             resource.setrlimit(what, (value, value))
+        # CPU: SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later for a program that
+        # catches it; with soft == hard the kernel sends SIGKILL at once, indistinguishable from other kills
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
     return apply
 
 
@@ -178,9 +181,13 @@ def run_program(program: str, limits: Limits = Limits()) -> Verdict:
         stderr = _tail(err_path)
         if code == 0:
             return Verdict("passed")
+        if code == -signal.SIGXCPU:  # ran out of CPU time: the same verdict as running out of wall-clock time
+            # (which limit comes first depends on how busy the machine is, so both must read alike)
+            return Verdict("timeout", f"timed out: CPU time limit of {limits.cpu_seconds} s reached "
+                                      f"after {elapsed:.1f} s")
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            why = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)"}.get(name, "")
+            why = {"SIGXFSZ": " (file size limit)"}.get(name, "")
             return Verdict("failed", f"killed by signal {-code} ({name}){why}" +
                            (f": {_reason(stderr)}" if _reason(stderr) else ""))
         return Verdict("failed", _reason(stderr) or f"exit status {code}")
