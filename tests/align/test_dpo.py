@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from baichuan2.align.dpo import DPOArgs, dpo, dpo_loss, dpo_optim, final_turn_targets, token_logprobs
+from baichuan2.align.dpo import DPOArgs, dpo, dpo_loss, dpo_optim, final_turn_targets
+from baichuan2.align.logprobs import token_logprobs
 from baichuan2.model.checkpoint import load_pretrained
 from baichuan2.tokenizer import Tokenizer
 from baichuan2.train.engine import FitArgs

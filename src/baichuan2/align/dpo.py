@@ -268,7 +268,7 @@ def dpo(model, tok, pairs, out_dir: str | Path, args: DPOArgs = DPOArgs(), progr
     ``out_dir-logs/`` gets metrics.jsonl (+ TensorBoard), the reference log-prob cache, training checkpoints
     and dpo_result.json (held-out implicit-reward accuracy before and after)."""
     from baichuan2.model.checkpoint import save_pretrained
-    from baichuan2.model.generate import SamplingConfig
+    from baichuan2.model.generate import chat_generation_config
     from baichuan2.train.engine import autocast_for, fit, resolve_precision
     from baichuan2.train.parallel import init_distributed
 
@@ -314,10 +314,7 @@ def dpo(model, tok, pairs, out_dir: str | Path, args: DPOArgs = DPOArgs(), progr
     model = plain_model(res.model, info)
     if model is None:
         return {"steps": res.steps}
-    chat = SamplingConfig.chat(stop_token_ids=[tok.eos_id])
-    save_pretrained(model.eval(), out, tokenizer=tok, overwrite=True,
-                    generation_config=chat.to_generation_config(pad, tok.bos_id, tok.eos_id, tok.user_id,
-                                                                tok.assistant_id))
+    save_pretrained(model.eval(), out, tokenizer=tok, overwrite=True, generation_config=chat_generation_config(tok, pad))
     result = {"train_pairs": len(train), "val_pairs": len(val), "steps": res.steps,
               "seconds": round(time.time() - start, 1), "val_before": before, "val_after": after,
               "settings": asdict(args), "optim": asdict(optim)}

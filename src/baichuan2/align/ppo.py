@@ -479,7 +479,7 @@ def ppo(actor, critic, reward_fn: RewardFn, tok, prompts: Sequence[list[dict]], 
     from tqdm import tqdm
 
     from baichuan2.model.checkpoint import save_pretrained
-    from baichuan2.model.generate import SamplingConfig
+    from baichuan2.model.generate import chat_generation_config
     from baichuan2.train import checkpoint as ckpt
     from baichuan2.utils.metrics import MetricsLogger, read_metrics
 
@@ -500,11 +500,9 @@ def ppo(actor, critic, reward_fn: RewardFn, tok, prompts: Sequence[list[dict]], 
     out = Path(out_dir)
     logs = out.parent / f"{out.name}-logs"
     trainer = PPOTrainer(actor, critic, reward_fn, tok, args, reference=reference, optim=optim, fit_args=fit_args)
-    chat = SamplingConfig.chat(stop_token_ids=[tok.eos_id])
-
     def save(directory: Path) -> None:
-        save_pretrained(actor, directory, tokenizer=tok, overwrite=True, generation_config=chat.to_generation_config(
-            actor.config.pad_token_id or 0, tok.bos_id, tok.eos_id, tok.user_id, tok.assistant_id))
+        save_pretrained(actor, directory, tokenizer=tok, overwrite=True,
+                        generation_config=chat_generation_config(tok, actor.config.pad_token_id or 0))
 
     rng = random.Random(args.seed)
     order: list[int] = []

@@ -220,7 +220,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
 
     ``out_dir-logs/`` holds metrics.jsonl (+ TensorBoard), the training checkpoints and sft_result.json."""
     from baichuan2.model.checkpoint import save_pretrained
-    from baichuan2.model.generate import SamplingConfig
+    from baichuan2.model.generate import chat_generation_config
     from baichuan2.train.engine import fit
     from baichuan2.train.parallel import init_distributed
 
@@ -255,9 +255,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
         return {"steps": res.steps}
     model.eval()
     after = assistant_loss(model, val, pad) if val else None
-    chat = SamplingConfig.chat(stop_token_ids=[tok.eos_id])  # Baichuan 2-Chat's sampling defaults
-    save_pretrained(model, out, tokenizer=tok, overwrite=True,
-                    generation_config=chat.to_generation_config(pad, tok.bos_id, tok.eos_id, tok.user_id, tok.assistant_id))
+    save_pretrained(model, out, tokenizer=tok, overwrite=True, generation_config=chat_generation_config(tok, pad))
     metrics = {"train_conversations": len(rows) - len(val), "train_rows": len(train), "val_conversations": len(val),
                "steps": res.steps, "val_loss_before": before, "val_loss_after": after,
                "seconds": round(time.time() - start, 1), "lora_r": args.lora.r, "settings": asdict(args),

@@ -101,6 +101,12 @@ class SamplingConfig:
                 "top_p": self.top_p, "repetition_penalty": self.repetition_penalty, "do_sample": self.do_sample}
 
 
+def chat_generation_config(tok, pad_token_id: int) -> dict:
+    """``generation_config.json`` of a chat model fine-tuned here (SFT, DPO, PPO): Baichuan 2-Chat's sampling
+    defaults, stopping at the tokenizer's eos, with its bos and chat role ids."""
+    chat = SamplingConfig.chat(stop_token_ids=[tok.eos_id])
+    return chat.to_generation_config(pad_token_id, tok.bos_id, tok.eos_id, tok.user_id, tok.assistant_id)
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """HF semantics: for every token already present, divide positive logits by the
     penalty and multiply negative ones by it.  ``seen`` is a ``[batch, vocab]`` bool mask;
