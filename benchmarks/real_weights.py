@@ -13,7 +13,6 @@ acceptance bounds (max |diff| <= 1e-3, identical greedy outputs) fail.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import shutil

@@ -7,7 +7,6 @@ from pathlib import Path
 from baichuan2.align.reward import RMArgs, rm_optim
 from baichuan2.train.engine import CheckpointArgs, FitArgs
 from baichuan2.train.optim import OptimArgs
-from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import as_paths, atomic_write_json, atomic_write_text
 
 

@@ -21,7 +21,6 @@ written after it are renamed ``*.diverged`` so ``--resume true`` cannot pick the
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import statistics

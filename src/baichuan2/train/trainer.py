@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
