@@ -53,9 +53,19 @@ def _wait(predicate, timeout=60.0, what="condition"):
         time.sleep(0.05)
 
 
-def test_web_chat_streams_stops_keeps_history_and_clears(server, engine, browser, tmp_path):
+def test_web_chat_streams_stops_keeps_history_and_clears(server, engine, browser, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
 
+    # The tiny model writes 150 tokens in well under a second on a fast idle machine, so the answer could
+    # end on its own ("length") before the Stop click lands. Slow each decode step so the stop always
+    # arrives mid-stream, whatever the machine.
+    step = engine.batcher.step
+
+    def slow_step():
+        time.sleep(0.03)
+        return step()
+
+    monkeypatch.setattr(engine.batcher, "step", slow_step)
     url, key = server
     d = browser
     d.get(url + "/")
