@@ -60,6 +60,24 @@ def recipe_parser(verb: str, sub: str | None = None):
     return auto_parser(fn, as_positional=True)
 
 
+def configs_first(args: list[str], subcommands=()) -> list[str]:
+    """Move ``--config FILE`` (and ``--config=FILE``) ahead of the other flags, after a sub-verb if any.
+
+    jsonargparse applies a config file where it stands, so in ``--out_dir X --config recipe.yaml`` the
+    recipe's out_dir would silently replace the user's X; with the recipes first, a flag on the command
+    line always wins over a recipe, whatever the order they were typed in."""
+    head = args[:1] if args[:1] and args[0] in subcommands else []
+    configs, others, i = [], [], len(head)
+    while i < len(args):
+        if args[i] == "--config" and i + 1 < len(args):
+            configs += args[i: i + 2]
+            i += 2
+            continue
+        (configs if args[i].startswith("--config=") else others).append(args[i])
+        i += 1
+    return head + configs + others
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -80,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     from baichuan2.utils.io import InputError
 
     try:
-        auto_cli(module.COMMANDS, args=rest, prog=f"baichuan2 {verb}", as_positional=True)
+        subcommands = module.COMMANDS if isinstance(module.COMMANDS, dict) else ()
+        auto_cli(module.COMMANDS, args=configs_first(rest, subcommands), prog=f"baichuan2 {verb}", as_positional=True)
     except InputError as e:  # bad data, config or checkpoint: one clear line, no traceback
         raise SystemExit(f"baichuan2 {verb}: error: {e}") from None
 

@@ -375,7 +375,7 @@ def run_all(recipe: PipelineRecipe, until: str = "") -> dict:
     return stages
 
 
-def pipeline(out_dir: str = "runs/pipeline", recipe: PipelineRecipe = PipelineRecipe(), until: str = "") -> None:
+def pipeline(out_dir: str = "", recipe: PipelineRecipe = PipelineRecipe(), until: str = "") -> None:
     """Run the whole Baichuan 2 recipe on the bundled offline corpus and write a browsable run directory.
 
     corpus -> data (filters, exact/MinHash/semantic dedup, scores) -> tokenizer (+ compression stats) ->
@@ -386,11 +386,13 @@ def pipeline(out_dir: str = "runs/pipeline", recipe: PipelineRecipe = PipelineRe
     About 12 minutes on 2 idle CPU cores.
 
     Args:
-        out_dir: Run directory (overrides recipe.out_dir).
+        out_dir: Run directory (default: recipe.out_dir, runs/pipeline). Flags given on the command line win
+            over a --config recipe whatever their order.
         recipe: Pipeline settings (`--config src/baichuan2/recipes/pipeline-default.yaml` or flags).
         until: Stop after this stage (corpus, data, tokenizer, tokens, pretrain, scaling, sample, sft, eval).
     """
-    recipe.out_dir = out_dir
+    if out_dir:
+        recipe.out_dir = out_dir
     run_all(recipe, until)
 
 
