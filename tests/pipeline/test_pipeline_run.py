@@ -96,6 +96,7 @@ SLOW_TIMEOUT = pytest.mark.timeout(3600)
 @SLOW_TIMEOUT
 def test_pipeline_end_to_end_small(small_run):
     out, stages = small_run
+    threads = torch.get_num_threads()
     # Data: real duplicates found and removed, report written.
     assert stages["data"]["minhash"]["exact_dups"] > 0 and (out / "data" / "report.md").exists()
     assert stages["tokens"]["val_tokens"] > 0 and stages["tokens"]["tokens"] > 20 * stages["tokens"]["val_tokens"]
@@ -121,9 +122,29 @@ def test_pipeline_end_to_end_small(small_run):
     if (SHARED_DATA / "bench" / "cmmlu").exists():
         assert ev["cmmlu"]["n"] == 67 and 0 <= ev["cmmlu"]["accuracy"] <= 100 and ev["mmlu"]["n"] == 57
     assert "held-out perplexity" in html
-    # A second run resumes: every stage is skipped and the results are unchanged.
-    again = run_all(PipelineRecipe(out_dir=str(out), **SMALL))
-    assert again["scaling"] == stages["scaling"]
+    # Every released checkpoint scored (Figure 7): one row per distinct training step, the final release last
+    # and the stage's headline numbers; the plot is on the page.
+    rows = ev["checkpoints"]
+    assert len(rows) >= 2 and rows[-1]["name"] == "final" and rows[-1]["heldout"] == ev["heldout"]
+    assert [r["tokens"] for r in rows] == sorted(r["tokens"] for r in rows)
+    assert rows[-1]["heldout"]["perplexity"] < rows[0]["heldout"]["perplexity"]
+    plot = out / "eval" / "checkpoints" / "checkpoints.png"
+    assert plot.stat().st_size > 10_000 and "checkpoints.png" in html and "| final | 81,920 |" in ev["table"]
+    # A second run resumes: every stage is skipped and the results are unchanged; an eval stage cut short
+    # continues from its per-question records.
+    (out / "stages" / "eval.json").unlink()
+    items = out / "eval" / "checkpoints" / rows[0]["name"] / "cmmlu" / "items.jsonl"
+    lines = items.read_text().splitlines(keepends=True) if items.exists() else []
+    if lines:
+        items.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:20])  # a kill mid-write
+    torch.set_num_threads(1)
+    try:
+        again = run_all(PipelineRecipe(out_dir=str(out), **SMALL))
+    finally:
+        torch.set_num_threads(threads)
+    assert again["scaling"] == stages["scaling"] and _numbers(again["eval"]) == _numbers(stages["eval"])
+    if lines:
+        assert len(items.read_text().splitlines()) == len(lines)
 
 
 def _checkpoint_in(run_dir: Path) -> bool:
@@ -203,7 +224,8 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 @pytest.mark.slow
 @SLOW_TIMEOUT
 def test_results_page_in_headless_chromium(small_run, tmp_path):
-    """The page loads in a real browser: every stage section, every image decoded, Chinese drawn with a
+    """The page loads in a real browser: every stage section, every image decoded (the eval stage's
+    benchmarks-across-training curve too), Chinese drawn with a
     CJK font, links are links, the long-newline sample is not a tall blank block."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -225,7 +247,8 @@ def test_results_page_in_headless_chromium(small_run, tmp_path):
         sections = [e.get_attribute("id") for e in driver.find_elements(By.CSS_SELECTOR, "section.stage")]
         assert sections == list(stages)
         images = driver.find_elements(By.TAG_NAME, "img")
-        assert {Path(i.get_attribute("src")).name for i in images} >= {"loss.png", "scaling_law.png"}
+        assert {Path(i.get_attribute("src")).name for i in images} >= {"loss.png", "scaling_law.png",
+                                                                        "checkpoints.png"}
         assert all(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 300", i)
                    for i in images)
         links = {a.get_attribute("href").split("/")[-1] for a in driver.find_elements(By.TAG_NAME, "a")}

@@ -25,7 +25,7 @@ DESCRIPTIONS = {
     "scaling": "train a ladder of smaller models, fit L(C) = a·C^b + L∞, predict the main model",
     "sample": "generate from the final released checkpoint",
     "sft": "fine-tune on the bundled dialogues (assistant-only loss) and ask the chat model",
-    "eval": "held-out perplexity; 5-shot CMMLU/MMLU slice when the benchmark files exist",
+    "eval": "every released checkpoint: held-out perplexity and a 5-shot C-Eval/CMMLU/MMLU slice (files present)",
 }
 
 
@@ -107,13 +107,17 @@ def headline(name: str, r: dict) -> str:
         if "heldout" in r:
             parts.append(f"held-out perplexity {r['heldout']['perplexity']:.1f} "
                          f"({r['heldout']['bits_per_byte']:.3f} bits/byte)")
-        for bench in ("cmmlu", "mmlu"):
-            if "accuracy" in r.get(bench, {}):
-                parts.append(f"{bench.upper()} 5-shot {r[bench]['accuracy']:.1f}% on {r[bench]['n']} questions "
-                             "(chance 25%)")
-            elif bench in r:
-                parts.append(f"{bench.upper()} skipped (no benchmark files)")
-        return "; ".join(parts)
+        for bench, res in r.items():
+            if isinstance(res, dict) and "accuracy" in res:
+                chance = r.get("chance", {}).get(bench)
+                parts.append(f"{bench.upper()} 5-shot {res['accuracy']:.1f}% on {res['n']} questions"
+                             + (f" (chance {chance:.1f}%)" if chance is not None else ""))
+        skipped = [bench.upper() for bench, res in r.items() if isinstance(res, dict) and "skipped" in res]
+        if skipped:
+            parts.append(f"{', '.join(skipped)} skipped (no benchmark files)")
+        releases = len(r.get("checkpoints", []))
+        return (f"final release: {'; '.join(parts)}" + (f" — {releases} released checkpoints scored" if releases > 1
+                                                        else ""))
     return ""
 
 
@@ -169,6 +173,11 @@ def body(name: str, r: dict, out: Path) -> str:
                 for q, a in r.get("answers", {}).items()]
         return "\n".join(["Greedy answers of the chat model:", "", "| question | answer |", "|---|---|", *rows, "",
                           f"Chat with it: `baichuan2 chat {r.get('checkpoint', '')}`"])
+    if name == "eval" and r.get("table"):
+        return "\n".join(["Every released checkpoint of the main model against the tokens it had seen (the report's "
+                          "§5.6 and Figure 7, `baichuan2 eval checkpoints`):", "", r["table"], "",
+                          "Table and per-question records: [eval/checkpoints/checkpoints.md]"
+                          "(eval/checkpoints/checkpoints.md), `eval/checkpoints/<release>/<benchmark>/items.jsonl`."])
     return ""
 
 

@@ -11,7 +11,7 @@ interrupted run continues with the first unfinished stage, and the tools inside 
   scaling    a ladder of smaller models; fit L(C); predict the main model      (baichuan2 scaling)
   sample     generate from the released checkpoint                             (baichuan2 generate)
   sft        fine-tune on the bundled dialogues (assistant-only loss); ask it   (baichuan2 sft)
-  eval       held-out perplexity; 5-shot CMMLU/MMLU slice if the files exist  (baichuan2 eval)
+  eval       every release: held-out perplexity, 5-shot C-Eval/CMMLU/MMLU slice  (baichuan2 eval checkpoints)
   index.html + summary.md are rewritten after every stage (pipeline/page.py)
 
 Interrupted (Ctrl-C, a kill, a crash), the same command continues: finished stages are skipped,
@@ -54,8 +54,9 @@ class PipelineRecipe:
         sft_epochs: Passes over the bundled dialogues in the SFT stage.
         sft_lr: SFT peak learning rate.
         chat_prompts: Questions put to the fine-tuned model at the end of the SFT stage.
-        bench_dir: Benchmark files in their published layouts (cmmlu/, mmlu/); the eval stage scores a
-            5-shot slice when they are present and held-out perplexity always.
+        bench_dir: Benchmark files in their published layouts (ceval/, cmmlu/, mmlu/); the eval stage scores
+            every released checkpoint on held-out perplexity and on a 5-shot slice of those present.
+        eval_benchmarks: Multiple-choice benchmarks of that slice (Figure 7's three; skipped when absent).
         eval_limit: Questions per subject in that slice.
     """
 
@@ -76,6 +77,7 @@ class PipelineRecipe:
     sft_lr: float = 1e-3
     chat_prompts: list[str] = field(default_factory=lambda: ["What is your name?", "你好吗？"])
     bench_dir: str = "../shared/data/bench"
+    eval_benchmarks: list[str] = field(default_factory=lambda: ["ceval", "cmmlu", "mmlu"])
     eval_limit: int = 2
 
 
@@ -265,30 +267,49 @@ def stage_sft(r: PipelineRecipe, out: Path) -> dict:
             "checkpoint": str(out / "sft"), "answers": answers}
 
 
+def _releases(run_dir: Path) -> list[str]:
+    """The run's released checkpoints, one per training step: a scheduled release written at the last step
+    holds the same weights as the final one, which stands for both."""
+    from baichuan2.eval.checkpoints import find_releases
+
+    by_step: dict = {}
+    for rel in find_releases(run_dir):
+        step = read_json(Path(rel["path"]) / "release.json").get("step", rel["path"])
+        if rel["name"] == "final" or step not in by_step:
+            by_step[step] = rel["path"]
+    return list(by_step.values())
+
+
 def stage_eval(r: PipelineRecipe, out: Path) -> dict:
-    """Held-out perplexity, and a small 5-shot CMMLU/MMLU slice when the benchmark files are present."""
-    import pyarrow.parquet as pq
+    """Every released checkpoint (Baichuan 2 §5.6, Figure 7): held-out perplexity, and a 5-shot slice of the
+    multiple-choice benchmarks whose files are present; the final release's numbers are the headline."""
+    from baichuan2.eval.checkpoints import evaluate_checkpoints, format_table, present_benchmarks
+    from baichuan2.eval.harness import MCArgs
+    from baichuan2.utils.io import InputError
 
-    from baichuan2.eval.harness import MCArgs, evaluate_mc
-    from baichuan2.eval.perplexity import perplexity
-    from baichuan2.eval.tasks import load_benchmark
-    from baichuan2.model.checkpoint import load_pretrained
-    from baichuan2.tokenizer import Tokenizer
-
-    ckpt = read_json(out / "stages" / "pretrain.json")["release_dir"]
-    model, tok = load_pretrained(ckpt).eval(), Tokenizer.from_pretrained(ckpt)
-    texts = [t for part in sorted((out / "split" / "val").glob("*.parquet"))
-             for t in pq.read_table(part, columns=["text"]).column("text").to_pylist()]
-    result: dict = {"heldout": perplexity(model, tok, texts, max_tokens=20_000)}
-    bench = Path(r.bench_dir)
-    for name in ("cmmlu", "mmlu"):
-        if (bench / name).exists():
-            res = evaluate_mc(model, tok, load_benchmark(name, str(bench / name)),
-                              MCArgs(shots=5, limit=r.eval_limit), out / "eval" / name, progress=False)
-            result[name] = {k: res[k] for k in ("accuracy", "macro_accuracy", "n", "items_per_second")}
-        else:
-            result[name] = {"skipped": f"{bench / name} not found"}
-    return result
+    present, skipped = [], {}
+    for name in r.eval_benchmarks:
+        try:
+            if name in present_benchmarks(r.bench_dir, [name]):
+                present.append(name)
+                continue
+        except InputError as e:
+            skipped[name] = {"skipped": str(e)}
+            continue
+        skipped[name] = {"skipped": "no benchmark directory given"}
+    releases = _releases(out / "pretrain")
+    print(f"[eval] {len(releases)} released checkpoints ({', '.join(Path(p).name for p in releases)}): held-out "
+          f"perplexity" + (f", 5-shot {', '.join(present)} ({r.eval_limit} per subject)" if present else "")
+          + (f"; no files for {', '.join(skipped)}" if skipped else ""), flush=True)
+    table = evaluate_checkpoints(releases, out / "eval" / "checkpoints", r.bench_dir if present else None, present,
+                                 heldout=str(out / "split" / "val"), mc=MCArgs(shots=5, limit=r.eval_limit),
+                                 ppl_max_tokens=20_000)
+    final = table["releases"][-1]
+    return {"checkpoint": final["path"], "heldout": final["heldout"], **{k: final[k] for k in present}, **skipped,
+            "checkpoints": table["releases"], "chance": table["chance"], "table": format_table(table),
+            "figures": [{"path": "eval/checkpoints/checkpoints.png", "title": "Benchmarks across training",
+                         "caption": "each released checkpoint's 5-shot accuracy against the tokens it was trained on "
+                                    "(chance dashed) and its held-out bits per byte, like the report's Figure 7"}]}
 
 
 STAGES = [("corpus", stage_corpus), ("data", stage_data), ("tokenizer", stage_tokenizer), ("tokens", stage_tokens),
