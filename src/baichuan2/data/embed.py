@@ -13,6 +13,7 @@ similarity to an already kept document of the same cluster exceeds 1 - eps.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -72,6 +73,8 @@ class Encoder:
             self._model = ("lm", load_pretrained(path, dtype="float32").eval(), Tokenizer.from_pretrained(path))
         else:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+            # bitsandbytes (imported on the way) warns in every worker that an optional kernel package is absent
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
             from sentence_transformers import SentenceTransformer
 
             path = minilm_path() if self.spec == "minilm" else self.spec

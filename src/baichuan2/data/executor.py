@@ -40,14 +40,16 @@ class LocalExecutor:
     def __init__(self, workers: int = 2):
         self.workers = max(1, workers)
 
-    def map(self, fn: Callable, args_list: Sequence[tuple], desc: str = "") -> list[Any]:
+    def map(self, fn: Callable, args_list: Sequence[tuple], desc: str = "", units: Sequence[int] | None = None,
+            unit: str = "task") -> list[Any]:
+        """Run fn(*args) for every args; the bar counts tasks, or ``units[i]`` ``unit``s for task i."""
         results: list[Any] = [None] * len(args_list)
-        bar = tqdm(total=len(args_list), desc=desc, unit="task", disable=len(args_list) < 2, leave=False)
+        bar = _bar(args_list, desc, units, unit)
         if self.workers == 1 or len(args_list) <= 1:
             for i, args in enumerate(args_list):
                 results[i] = fn(*args)
                 _FAULTS.tick()
-                bar.update()
+                bar.update(units[i] if units else 1)
         else:
             # spawn: workers start clean (no forked torch/BLAS thread state), one BLAS thread each.
             ctx = get_context("spawn")
@@ -57,9 +59,14 @@ class LocalExecutor:
                 for fut in as_completed(futures):
                     results[futures[fut]] = fut.result()
                     _FAULTS.tick()
-                    bar.update()
+                    bar.update(units[futures[fut]] if units else 1)
         bar.close()
         return results
+
+
+def _bar(args_list: Sequence[tuple], desc: str, units: Sequence[int] | None, unit: str) -> tqdm:
+    total = sum(units) if units else len(args_list)
+    return tqdm(total=total, desc=desc, unit=unit, disable=len(args_list) < 2, leave=False, mininterval=1.0)
 
 
 def _init_worker(parent_pid: int) -> None:
@@ -90,19 +97,20 @@ class RayExecutor:
             kwargs = {"address": address} if address else {"num_cpus": num_cpus}
             ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
 
-    def map(self, fn: Callable, args_list: Sequence[tuple], desc: str = "") -> list[Any]:
+    def map(self, fn: Callable, args_list: Sequence[tuple], desc: str = "", units: Sequence[int] | None = None,
+            unit: str = "task") -> list[Any]:
         remote = self.ray.remote(num_cpus=1)(fn)
         refs = [remote.remote(*args) for args in args_list]
         index = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
-        with tqdm(total=len(refs), desc=desc, unit="task", disable=len(refs) < 2, leave=False) as bar:
+        with _bar(args_list, desc, units, unit) as bar:
             while pending:
                 done, pending = self.ray.wait(pending, num_returns=1)
                 for ref in done:
                     results[index[ref]] = self.ray.get(ref)
                     _FAULTS.tick()
-                    bar.update()
+                    bar.update(units[index[ref]] if units else 1)
         return results
 
 

@@ -346,15 +346,29 @@ def dedup_task(recipe_d: dict, out: str, task: int) -> ShardResult:
 
 # ---------------------------------------------------------------------------------------------- semantic
 
-def embed_task(recipe_d: dict, out: str, task: int) -> int:
+def _embed_chunks(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(task, start, stop) pieces of every file's documents: the embedding bar then advances (and estimates the
+    time left) every few hundred documents, not once per file; at most ~32 pieces a file, each reading its file."""
+    chunks = []
+    for task, n in enumerate(sizes):
+        step = max(256, -(-n // 32))
+        chunks += [(task, start, min(start + step, n)) for start in range(0, n, step)]
+    return chunks
+
+
+_ENCODERS: dict[tuple, Encoder] = {}  # one loaded model per worker process, reused by its chunks
+
+
+def embed_task(recipe_d: dict, out: str, task: int, start: int, stop: int) -> int:
     layout = Layout(out)
-    path = layout.work("embeddings", task, "npy")
+    path = layout.work(f"embeddings-{task:05d}", start, "npy")
     if path.exists():
         return int(np.load(path, mmap_mode="r").shape[0])
     args = DataRecipe.from_dict(recipe_d).embed
-    texts = pq.read_table(layout.work("deduped", task), columns=["text"])["text"].to_pylist()
-    emb = Encoder(args.encoder, args.batch_size, args.max_chars).encode(texts) if texts else np.zeros((0, 1), np.float32)
-    _write_npy(path, emb.astype(np.float32))
+    texts = pq.read_table(layout.work("deduped", task), columns=["text"])["text"].to_pylist()[start:stop]
+    key = (args.encoder, args.batch_size, args.max_chars)
+    encoder = _ENCODERS.setdefault(key, Encoder(*key))
+    _write_npy(path, encoder.encode(texts).astype(np.float32))
     return len(texts)
 
 
@@ -364,8 +378,11 @@ def cluster_semantic(recipe: DataRecipe, layout: Layout, sizes: list[int], execu
         return done
     n = sum(sizes)
     if recipe.embed.enabled and n:
-        executor.map(embed_task, [(asdict(recipe), str(layout.root), t) for t in range(len(sizes))], desc="embed")
-        emb = np.concatenate([np.load(layout.work("embeddings", t, "npy")) for t in range(len(sizes)) if sizes[t]])
+        chunks = _embed_chunks(sizes)
+        executor.map(embed_task, [(asdict(recipe), str(layout.root), *c) for c in chunks], desc="embed",
+                     units=[stop - start for _, start, stop in chunks], unit="doc")
+        _ENCODERS.clear()  # inline runs loaded the encoder here
+        emb = np.concatenate([np.load(layout.work(f"embeddings-{t:05d}", start, "npy")) for t, start, _ in chunks])
         centroids, assign = kmeans(emb, recipe.embed.clusters, recipe.embed.iterations, recipe.embed.seed)
         keep, dup_of, dist = semdedup(emb, centroids, assign, recipe.embed.semdedup_eps)
     else:
