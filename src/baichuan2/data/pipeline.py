@@ -472,6 +472,10 @@ def prepare_out_dir(recipe: DataRecipe, overwrite: bool = False) -> Layout:
     return Layout(out)
 
 
+def _say(message: str) -> None:
+    print(f"data: {message}", flush=True)
+
+
 def run_pipeline(recipe: DataRecipe, overwrite: bool = False, report: bool = True) -> dict:
     """Run (or resume) all stages; returns the report dictionary."""
     specs = expand_inputs(recipe.inputs)
@@ -483,12 +487,20 @@ def run_pipeline(recipe: DataRecipe, overwrite: bool = False, report: bool = Tru
     atomic_write_json(tasks_file, task_list)
     executor = make_executor(recipe.executor, recipe.workers, recipe.ray_address)
     rd, out, nt = asdict(recipe), str(layout.root), len(task_list)
+    # one line per phase (the barriers have no bar of their own), so a long phase is never a silent one
+    _say(f"filter {nt} files: read, normalise, language, quality, safety, hashes, MinHash")
     filtered: list[ShardResult] = executor.map(
         filter_task, [(rd, out, i, t["path"], t["source"]) for i, t in enumerate(task_list)], desc="filter")
+    _say(f"{sum(r.docs for r in filtered):,} documents passed the filters; exact index and LSH near-duplicate join")
     clusters = cluster_duplicates(recipe, layout, nt, executor)
+    _say(f"{clusters.exact_dups:,} exact and {clusters.near_dups:,} near duplicates; removing them and repeated spans")
     deduped: list[ShardResult] = executor.map(dedup_task, [(rd, out, i) for i in range(nt)], desc="dedup")
     sizes = [r.docs for r in deduped]
+    if recipe.embed.enabled:
+        _say(f"semantic dedup of {sum(sizes):,} documents: {recipe.embed.encoder} embeddings, k-means, SemDeDup")
     semantic = cluster_semantic(recipe, layout, sizes, executor)
+    _say(f"{semantic.semantic_dups:,} semantic duplicates; sampling weights, then writing the output"
+         if semantic.enabled else "sampling weights, then writing the output")
     score_documents(recipe, layout, nt)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if nt else []
     written: list[ShardResult] = executor.map(write_task, [(rd, out, i, offsets[i], nt) for i in range(nt)],

@@ -147,7 +147,9 @@ def build_default_corpus(out_dir: str | os.PathLike, code_bytes: int = 6_000_000
     handles: dict[str, object] = {}
     opened = []
     try:
-        for gen in (stdlib_documents(code_bytes, docs_bytes), chatterbot_documents(), chinese_documents()):
+        for what, gen in (("standard-library documentation and source", stdlib_documents(code_bytes, docs_bytes)),
+                          ("chatterbot dialogues", chatterbot_documents()), ("Chinese text", chinese_documents())):
+            print(f"[corpus] reading {what}", flush=True)
             for doc in gen:
                 src = doc["source"]
                 if src not in handles:

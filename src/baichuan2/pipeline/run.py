@@ -115,6 +115,7 @@ def stage_tokenizer(r: PipelineRecipe, out: Path) -> dict:
 
     data = str(out / "data" / "output")
     train_tokenizer([data], str(out / "tokenizer"), vocab_size=r.vocab_size, max_sentences=300_000)
+    print("[tokenizer] compression per language and source over the whole output", flush=True)
     stats = compression_stats([str(out / "tokenizer")], [data])
     return {"compression": next(iter(stats.values()))}
 
@@ -259,6 +260,7 @@ def stage_sft(r: PipelineRecipe, out: Path) -> dict:
     # SFT runs on the training engine: it checkpoints like pretraining and a re-run resumes from the last one
     m = sft(load_pretrained(ckpt), Tokenizer.from_pretrained(ckpt), convs, out / "sft", args,
             optim=sft_optim(lr=r.sft_lr), checkpoint=CheckpointArgs(save_every=r.checkpoint_every), resume=True)
+    print(f"[sft] asking the chat model {len(r.chat_prompts)} questions", flush=True)
     engine = Engine(str(out / "sft"))
     cfg = engine.sampling(temperature=0, max_new_tokens=32)
     answers = {q: engine.complete(engine.chat_prompt([{"role": "user", "content": q}], 32), cfg).text
