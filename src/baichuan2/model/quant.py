@@ -432,7 +432,8 @@ __all__ = ["QuantConfig", "Int8Linear", "Int4Linear", "Int8Embedding", "Int8Head
 
 def quantize_checkpoint(checkpoint: str, out: str, method: Method = "int8", group_size: int = 32,
                         head: Literal["none", "int8", "int4"] = "int8",
-                        embeddings: Literal["none", "int8"] = "none", overwrite: bool = False) -> None:
+                        embeddings: Literal["none", "int8"] = "none", clip_search: bool = True,
+                        overwrite: bool = False) -> None:
     """Write a weight-only quantized copy of a checkpoint (loads directly in generate/chat/serve/eval).
 
     Args:
@@ -442,6 +443,7 @@ def quantize_checkpoint(checkpoint: str, out: str, method: Method = "int8", grou
         group_size: int4 inputs per scale/min pair (must divide every layer's input width).
         head: how to store the NormHead-folded output layer: none (keep full precision) | int8 | int4.
         embeddings: none | int8 (per-row; saves memory, not time).
+        clip_search: int4: pick each group's range by least squares (false: plain min/max).
         overwrite: replace out if it exists.
     """
     import json
@@ -451,7 +453,8 @@ def quantize_checkpoint(checkpoint: str, out: str, method: Method = "int8", grou
     from baichuan2.model.convert import tokenizer_files
 
     try:
-        cfg = QuantConfig(method=method, group_size=group_size, head=head, embeddings=embeddings)
+        cfg = QuantConfig(method=method, group_size=group_size, head=head, embeddings=embeddings,
+                          clip_search=clip_search)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     model = load_pretrained(checkpoint, dtype="float32")
