@@ -225,8 +225,10 @@ def perplexity_smollm(args) -> dict:
     docs = [text[i:i + 4000] for i in range(0, len(text), 4000)]
     out = {}
     for kind in ("fp32", "bf16", "int8", "int4"):
+        model = _variant(ckpt, kind)  # built outside inference mode: NormHead caches by version counter
         with torch.inference_mode():
-            r = perplexity(_variant(ckpt, kind), tok, docs, window=512, batch_size=4)
+            r = perplexity(model, tok, docs, window=512, batch_size=4)
+        del model
         out[kind], out["tokens"] = r["perplexity"], r["tokens"]
     return out
 
