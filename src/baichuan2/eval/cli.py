@@ -11,15 +11,17 @@ from baichuan2.eval.safety import RedTeamArgs
 from baichuan2.utils.io import InputError, as_paths, atomic_write_json, atomic_write_text, read_json
 
 
-def _load(checkpoint: str, dtype: str, device: str):
+def _load(checkpoint: str, dtype: str, device: str, quantize: str | None = None):
     from baichuan2.model.checkpoint import load_pretrained
     from baichuan2.tokenizer import Tokenizer
 
-    return load_pretrained(checkpoint, dtype=dtype, device=device).eval(), Tokenizer.from_pretrained(checkpoint)
+    model = load_pretrained(checkpoint, dtype=dtype, device=device, quantize=quantize).eval()
+    return model, Tokenizer.from_pretrained(checkpoint)
 
 
 def mc(checkpoint: str, benchmark: str, data: str, out_dir: str = "runs/eval", settings: MCArgs = MCArgs(),
-       per_subject: bool = False, dtype: str = "auto", device: str = "auto") -> None:
+       per_subject: bool = False, dtype: str = "auto", device: str = "auto",
+       quantize: str | None = None) -> None:
     """Few-shot multiple-choice evaluation in the format of C-Eval, CMMLU, MMLU, GAOKAO-Bench or AGIEval.
 
     Per-item results are cached in OUT_DIR/<benchmark>/items.jsonl, so re-running resumes. Prints
@@ -36,12 +38,13 @@ def mc(checkpoint: str, benchmark: str, data: str, out_dir: str = "runs/eval", s
             (BOS: settings.bos; "auto" follows the tokenizer config's add_bos_token, false for Baichuan 2.)
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.eval.harness import evaluate_mc, format_table
     from baichuan2.eval.tasks import load_benchmark
 
     bench = load_benchmark(benchmark, str(Path(data)))
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     res = evaluate_mc(model, tok, bench, settings, Path(out_dir) / benchmark)
     print(format_table(res, per_subject))
     if res.get("items_per_second"):
@@ -49,7 +52,8 @@ def mc(checkpoint: str, benchmark: str, data: str, out_dir: str = "runs/eval", s
 
 
 def bbh(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3, limit: int = 0, batch_size: int = 8,
-        max_new_tokens: int = 32, dtype: str = "auto", device: str = "auto") -> None:
+        max_new_tokens: int = 32, dtype: str = "auto", device: str = "auto",
+        quantize: str | None = None) -> None:
     """BIG-Bench Hard: 3-shot answer-only prompts, greedy generation, exact match per task.
 
     Args:
@@ -62,11 +66,12 @@ def bbh(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3, 
         max_new_tokens: Longest answer.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.eval.bbh import evaluate_bbh, load_bbh
 
     tasks = load_bbh(data)
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     res = evaluate_bbh(model, tok, tasks, Path(out_dir) / "bbh", shots, limit, batch_size, max_new_tokens)
     for name, t in res["tasks"].items():
         print(f"  {name:<42}{t['accuracy']:>7.2f}{t['n']:>6}")
@@ -74,7 +79,8 @@ def bbh(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3, 
 
 
 def gsm8k(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 4,
-          settings: GenArgs = GenArgs(max_new_tokens=512), dtype: str = "auto", device: str = "auto") -> None:
+          settings: GenArgs = GenArgs(max_new_tokens=512), dtype: str = "auto", device: str = "auto",
+          quantize: str | None = None) -> None:
     """GSM8K: 4-shot chain-of-thought (OpenCompass-style exemplars from the train split), greedy, exact match.
 
     Args:
@@ -85,16 +91,18 @@ def gsm8k(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 4
         settings: Generation: max tokens, batch size, limit, samples, BOS.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.eval.gsm8k import evaluate_gsm8k
 
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     res = evaluate_gsm8k(model, tok, data, settings, Path(out_dir) / "gsm8k", shots)
     print(f"gsm8k: {res['accuracy']:.2f}% ({res['n']} problems, {shots}-shot, mean {res['mean_shots']:.2f} shots)")
 
 
 def math(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 4,
-         settings: GenArgs = GenArgs(max_new_tokens=512), dtype: str = "auto", device: str = "auto") -> None:
+         settings: GenArgs = GenArgs(max_new_tokens=512), dtype: str = "auto", device: str = "auto",
+         quantize: str | None = None) -> None:
     """MATH: 4-shot Minerva prompt, greedy, exact match after Minerva's answer normalisation; per type and level.
 
     Args:
@@ -105,10 +113,11 @@ def math(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 4,
         settings: Generation: max tokens, batch size, limit, samples, BOS.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.eval.minerva_math import evaluate_math
 
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     res = evaluate_math(model, tok, data, settings, Path(out_dir) / "math", shots)
     for field in ("by_type", "by_level"):
         for k, v in res[field].items():
@@ -123,7 +132,8 @@ def _print_code(res: dict) -> None:
 
 def humaneval(checkpoint: str, out_dir: str = "runs/eval", settings: GenArgs = GenArgs(max_new_tokens=512),
               ks: list[int] = [1, 10, 100], problems: str | None = None, timeout: float = 10.0,  # noqa: B006
-              dtype: str = "auto", device: str = "auto") -> None:
+              dtype: str = "auto", device: str = "auto",
+              quantize: str | None = None) -> None:
     """HumanEval: 0-shot, completion cut at the next top-level statement, run in a sandbox; pass@1 and pass@k.
 
     Every completion runs in its own process (own uid when run as root, own session, CPU/memory/process
@@ -139,18 +149,20 @@ def humaneval(checkpoint: str, out_dir: str = "runs/eval", settings: GenArgs = G
         timeout: Seconds per program.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.eval.code import evaluate_humaneval
     from baichuan2.eval.sandbox import Limits
 
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     limits = Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)))
     _print_code(evaluate_humaneval(model, tok, settings, Path(out_dir) / "humaneval", tuple(ks), problems, limits))
 
 
 def mbpp(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3,
          settings: GenArgs = GenArgs(max_new_tokens=512), ks: list[int] = [1, 10, 100],  # noqa: B006
-         timeout: float = 10.0, dtype: str = "auto", device: str = "auto") -> None:
+         timeout: float = 10.0, dtype: str = "auto", device: str = "auto",
+         quantize: str | None = None) -> None:
     """MBPP: 3-shot (tasks 2-4), tests 11-510, completions run in a sandbox; pass@1 and pass@k.
 
     Args:
@@ -163,17 +175,19 @@ def mbpp(checkpoint: str, data: str, out_dir: str = "runs/eval", shots: int = 3,
         timeout: Seconds per program.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.eval.code import evaluate_mbpp
     from baichuan2.eval.sandbox import Limits
 
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     limits = Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)))
     _print_code(evaluate_mbpp(model, tok, data, settings, Path(out_dir) / "mbpp", shots, tuple(ks), limits))
 
 
 def ppl(checkpoint: str, inputs: str | list[str], text_field: str = "text", window: int = 0, max_tokens: int = 0,
-        batch_size: int = 8, dtype: str = "auto", device: str = "auto") -> None:
+        batch_size: int = 8, dtype: str = "auto", device: str = "auto",
+        quantize: str | None = None) -> None:
     """Perplexity and bits per byte on text, JSONL (.gz/.zst) or parquet files.
 
     Args:
@@ -185,11 +199,12 @@ def ppl(checkpoint: str, inputs: str | list[str], text_field: str = "text", wind
         batch_size: Windows per forward pass.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.eval.perplexity import perplexity
     from baichuan2.tokenizer.corpus import iter_documents
 
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     texts = (doc["text"] for doc in iter_documents(inputs, text_field))
     res = perplexity(model, tok, texts, window, batch_size, max_tokens)
     print(json.dumps(res, indent=2))
@@ -248,7 +263,8 @@ def compare(results: str, reference: str = "baichuan2-7b-base") -> None:
 
 def safety(checkpoint: str, safetybench: str = "", redteam: str | list[str] | None = None, out_dir: str = "runs/eval",
            split: str = "zh_subset", shots: int = 5, shots_file: str | None = None, limit: int = 0,
-           attack: RedTeamArgs = RedTeamArgs(), dtype: str = "auto", device: str = "auto") -> None:
+           attack: RedTeamArgs = RedTeamArgs(), dtype: str = "auto", device: str = "auto",
+           quantize: str | None = None) -> None:
     """Safety evaluation: SafetyBench multiple choice per category and/or red-team refusal and unsafe rates.
 
     SafetyBench: the official prompts (five-shot with the safety-exam header), scored by the option
@@ -270,13 +286,14 @@ def safety(checkpoint: str, safetybench: str = "", redteam: str | list[str] | No
         attack: Red-team settings (attack types, judge, decoding).
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.align.preference import read_prompts
     from baichuan2.eval.safety import evaluate_safetybench, format_safety, load_safetybench, red_team
 
     if not safetybench and not redteam:
         raise SystemExit("eval safety: give --safetybench DIR and/or --redteam FILE")
-    model, tok = _load(checkpoint, dtype, device)
+    model, tok = _load(checkpoint, dtype, device, quantize)
     out = Path(out_dir) / "safety"
     bench = red = None
     if safetybench:

@@ -12,7 +12,8 @@ import sys
 
 def chat(checkpoint: str, system: str | None = None, temperature: float | None = None, top_k: int | None = None,
          top_p: float | None = None, repetition_penalty: float | None = None, max_new_tokens: int = 512,
-         greedy: bool = False, seed: int | None = None, dtype: str = "auto", device: str = "auto") -> None:
+         greedy: bool = False, seed: int | None = None, dtype: str = "auto", device: str = "auto",
+         quantize: str | None = None) -> None:
     """Chat with a checkpoint in the terminal, streaming the answers.
 
     Type `clear` to start a new conversation, `exit` or `quit` (or Ctrl-D) to leave. Sampling defaults
@@ -31,11 +32,12 @@ def chat(checkpoint: str, system: str | None = None, temperature: float | None =
         seed: Random seed for reproducible sampling.
         dtype: auto | float32 | bfloat16 | float16.
         device: auto | cpu | cuda | cuda:N.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     from baichuan2.serve.engine import Engine
     from baichuan2.utils.io import InputError
 
-    engine = Engine(checkpoint, dtype=dtype, device=device)
+    engine = Engine(checkpoint, dtype=dtype, device=device, quantize=quantize)
     try:
         cfg = engine.sampling(temperature=0 if greedy else temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed)

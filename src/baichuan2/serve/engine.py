@@ -109,12 +109,12 @@ class Engine:
 
     def __init__(self, checkpoint: str, dtype: str = "auto", device: str = "auto", max_seqs: int = 64,
                  max_queue: int = 512, kv_cache_tokens: int | None = None, prefill_chunk: int = 256,
-                 prefix_cache_tokens: int = 16384, stall_timeout: float = 60.0):
+                 prefix_cache_tokens: int = 16384, stall_timeout: float = 60.0, quantize: str | None = None):
         from baichuan2.model.checkpoint import load_pretrained
         from baichuan2.tokenizer import Tokenizer
 
         self.checkpoint = checkpoint
-        self.model = load_pretrained(checkpoint, dtype=dtype, device=device).eval()
+        self.model = load_pretrained(checkpoint, dtype=dtype, device=device, quantize=quantize).eval()
         self.tok = Tokenizer.from_pretrained(checkpoint)
         self.max_length = self.model.config.max_position_embeddings
         stop = [self.model.config.eos_token_id]

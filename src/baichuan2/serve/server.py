@@ -267,7 +267,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           api_key: str | None = None, max_tokens: int | None = None, dtype: str = "auto", device: str = "auto",
           max_seqs: int = 64, max_queue: int = 512, kv_cache_tokens: int | None = None, prefill_chunk: int = 256,
-          prefix_cache_tokens: int = 16384, threads: int = 0, shutdown_deadline: float = 20.0) -> None:
+          prefix_cache_tokens: int = 16384, threads: int = 0, shutdown_deadline: float = 20.0,
+          quantize: str | None = None) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page at `/`.
 
     Use it with any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)` and
@@ -296,6 +297,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
         prefix_cache_tokens: Prompt-prefix tokens kept for reuse (0 = off).
         threads: torch intra-op threads (0 = one per physical core, less one for the server's own threads).
         shutdown_deadline: Seconds active streams get to finish after SIGTERM.
+        quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     import logging
     import os
@@ -310,7 +312,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     engine = Engine(checkpoint, dtype=dtype, device=device, max_seqs=max_seqs, max_queue=max_queue,
                     kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk,
-                    prefix_cache_tokens=prefix_cache_tokens)
+                    prefix_cache_tokens=prefix_cache_tokens, quantize=quantize)
     name = model_name or Path(os.path.abspath(checkpoint)).name
     app = create_app(engine, name, api_key or os.environ.get("BAICHUAN2_API_KEY"), max_tokens)
 
