@@ -205,3 +205,40 @@ def test_cancel_budget_and_context_limit():
     assert other.finish_reason == "length" and len(other.tokens) == 32 - 10  # stopped at the context length
     with pytest.raises(ValueError, match="context length"):
         batcher.add(Request([1] * 32, SamplingConfig(max_new_tokens=1)))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is part of every CPU build of torch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_inference_weights_match_and_follow_weight_changes(dtype):
+    import copy
+
+    from baichuan2.model.model import prepack_for_inference
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name("tiny-rope", max_position_embeddings=64)).to(dtype).eval()
+    ids = torch.randint(3, 500, (3, 7))
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        plain = model(ids).logits.float()
+    assert prepack_for_inference(model) == 5 * model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        packed = model(ids).logits.float()
+    assert model.lm_head._packed.packed is not None and model.model.layers[0].mlp.up_proj._packed.packed is not None
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(packed, plain, atol=tol, rtol=tol)
+    # a weight changed in place (version counter) is repacked; the packed copies never reach a state dict
+    with torch.no_grad():
+        model.lm_head.weight[:10].mul_(-1)
+        flipped = model(ids).logits.float()
+    assert torch.allclose(flipped[..., :10], -packed[..., :10], atol=tol, rtol=tol)
+    assert list(model.state_dict()) == keys
+    twin = copy.deepcopy(model)  # (an oneDNN tensor cannot be deep-copied: the cache is left behind)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits.float(), flipped)
+    # with grad the plain path runs and gradients flow; train() drops the copies
+    model.train()
+    assert model.lm_head._packed.packed is None
+    model(ids, ids).loss.backward()
+    assert model.model.layers[0].self_attn.W_pack.weight.grad is not None
+    prepack_for_inference(model, enable=False)
+    assert not model.lm_head.prepack

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from baichuan2.model.model import Baichuan, KVCache, SlotKVCache
+from baichuan2.model.model import Baichuan, KVCache, PrepackedWeight, SlotKVCache, prepack_for_inference
 
 
 @dataclass
@@ -180,6 +180,22 @@ def column_major_weights(model: torch.nn.Module) -> None:
                 w.data = w.data.t().contiguous().t()
 
 
+def _packable_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2 and PrepackedWeight.supported(p))
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; 0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # continuous batching
 # ---------------------------------------------------------------------------------------
@@ -282,12 +298,20 @@ class Batcher:
             tokens each); admission waits for room.  Default: ``max_seqs * max_len``.
         prefill_chunk: prompt tokens computed per step, so a long prompt never stalls running streams.
         prefix_cache_tokens: prompt-prefix tokens kept for reuse (0 = no prefix cache).
+        prepack: run the linear layers on oneDNN-prepacked weight copies (CPU; see `PrepackedWeight`);
+            default: when the copies fit in the available memory.
     """
 
     def __init__(self, model: Baichuan, max_seqs: int = 64, max_len: int | None = None,
-                 kv_budget_tokens: int | None = None, prefill_chunk: int = 512, prefix_cache_tokens: int = 0):
-        self.model = model.eval()
-        column_major_weights(model)
+                 kv_budget_tokens: int | None = None, prefill_chunk: int = 512, prefix_cache_tokens: int = 0,
+                 prepack: bool | None = None):
+        if model.training:  # (a switch drops the model's inference caches: only when needed)
+            model.eval()
+        self.model = model
+        if prepack is None:  # the packed copies cost the weights' memory once more: only when it is free
+            prepack = _packable_bytes(model) * 1.25 < _available_memory()
+        if not (prepack and prepack_for_inference(model)):
+            column_major_weights(model)
         self.max_len = max_len or model.config.max_position_embeddings
         self.max_seqs = max_seqs
         self.kv_budget = kv_budget_tokens or max_seqs * self.max_len
