@@ -416,12 +416,16 @@ class Batcher:
             self.prefilling.append(req)
 
     def _prefill(self) -> None:
+        """Compute up to ``prefill_chunk`` prompt tokens; the prompts completed here start running together
+        (one pass of the output layer for all their first tokens: on a 125k vocabulary it costs as much
+        as the rest of a small model)."""
         budget = self.prefill_chunk
+        done, last_hidden = [], []
         while self.prefilling and budget > 0:
             req = self.prefilling[0]
             n = min(len(req.prompt) - req.computed, budget)
             ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
-            logits = self.model(ids, cache=req.prefill, last_only=True).logits[:, -1]
+            hidden = self.model.model(ids, cache=req.prefill)
             req.computed += n
             budget -= n
             if req.computed < len(req.prompt):
@@ -435,7 +439,10 @@ class Batcher:
             self.seen[row, torch.tensor(req.prompt, device=self.seen.device)] = True
             req.prefill = None
             self.running.append(req)
-            self._accept([req], logits)
+            done.append(req)
+            last_hidden.append(hidden[:, -1])
+        if done:
+            self._accept(done, self.model.lm_head(torch.cat(last_hidden)))
 
     def _decode(self) -> None:
         n = len(self.running)
@@ -448,18 +455,22 @@ class Batcher:
         """Sample one token for each of ``reqs`` (running rows ``row0..``) and retire the finished."""
         row0 = self.running.index(reqs[0])
         rows = slice(row0, row0 + len(reqs))
-        logits = logits.float()
-        penalty = torch.tensor([r.cfg.repetition_penalty for r in reqs], device=logits.device)
-        if bool((penalty != 1.0).any()):
-            logits = apply_repetition_penalty(logits, self.seen[rows], penalty)
         greedy = [r.cfg.greedy for r in reqs]
-        temperature = torch.tensor([0.0 if g else r.cfg.temperature for g, r in zip(greedy, reqs)],
-                                   device=logits.device)
-        uniforms = torch.tensor([0.0 if g else float(torch.rand((), generator=r.generator))
-                                 for g, r in zip(greedy, reqs)], device=logits.device)
-        top_k = torch.tensor([r.cfg.top_k for r in reqs], device=logits.device)
-        top_p = torch.tensor([r.cfg.top_p for r in reqs], device=logits.device)
-        tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
+        penalties = [r.cfg.repetition_penalty for r in reqs]
+        if all(greedy) and all(p == 1.0 for p in penalties):  # the common case: no per-row tensors, no fp32 copy
+            tokens = logits.argmax(dim=-1)
+        else:
+            logits = logits.float()
+            if any(p != 1.0 for p in penalties):
+                logits = apply_repetition_penalty(logits, self.seen[rows],
+                                                  torch.tensor(penalties, device=logits.device))
+            temperature = torch.tensor([0.0 if g else r.cfg.temperature for g, r in zip(greedy, reqs)],
+                                       device=logits.device)
+            uniforms = torch.tensor([0.0 if g else float(torch.rand((), generator=r.generator))
+                                     for g, r in zip(greedy, reqs)], device=logits.device)
+            top_k = torch.tensor([r.cfg.top_k for r in reqs], device=logits.device)
+            top_p = torch.tensor([r.cfg.top_p for r in reqs], device=logits.device)
+            tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
         self.seen[torch.arange(row0, row0 + len(reqs), device=self.seen.device), tokens] = True
         finished = []
         for row, (req, token) in enumerate(zip(reqs, tokens.tolist()), start=row0):
