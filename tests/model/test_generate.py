@@ -242,3 +242,24 @@ def test_prepacked_inference_weights_match_and_follow_weight_changes(dtype):
     assert model.model.layers[0].self_attn.W_pack.weight.grad is not None
     prepack_for_inference(model, enable=False)
     assert not model.lm_head.prepack
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@torch.no_grad()
+def test_prompts_prefilled_together_in_one_packed_pass_decode_as_alone(pos):
+    from baichuan2.model.generate import Batcher, Request
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name(f"tiny-{pos}", max_position_embeddings=64)).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 1, 11, 8, 20)]
+    cfg = SamplingConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[])
+    ref = [_reference_greedy(model, p, 6) for p in prompts]
+    batcher = Batcher(model, max_seqs=8, prefill_chunk=26)  # the first four fit one packed pass, the 5th waits
+    packed = []
+    fresh = batcher._prefill_fresh
+    batcher._prefill_fresh = lambda budget: packed.append(len(out := fresh(budget))) or out
+    reqs = [Request(p, cfg) for p in prompts]
+    _run(batcher, reqs)
+    assert packed[0] == 4
+    assert [r.tokens for r in reqs] == ref

@@ -421,11 +421,15 @@ class Batcher:
         as the rest of a small model)."""
         budget = self.prefill_chunk
         done, last_hidden = [], []
+        fresh = self._prefill_fresh(budget)
         while self.prefilling and budget > 0:
             req = self.prefilling[0]
-            n = min(len(req.prompt) - req.computed, budget)
-            ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
-            hidden = self.model.model(ids, cache=req.prefill)
+            if req in fresh:
+                hidden, n = fresh[req], len(req.prompt)
+            else:
+                n = min(len(req.prompt) - req.computed, budget)
+                ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
+                hidden = self.model.model(ids, cache=req.prefill)
             req.computed += n
             budget -= n
             if req.computed < len(req.prompt):
@@ -443,6 +447,36 @@ class Batcher:
             last_hidden.append(hidden[:, -1])
         if done:
             self._accept(done, self.model.lm_head(torch.cat(last_hidden)))
+
+    def _prefill_fresh(self, budget: int) -> dict[Request, torch.Tensor]:
+        """Prefill the whole prompts at the head of the queue that have nothing computed yet and fit the
+        budget together, in ONE forward pass: the prompts are packed into one row as separate segments
+        (the model's segment-id mask: each attends to itself only, positions restart), so the weights are
+        read once for all of them instead of once per prompt.  Their keys/values land in their own prefill
+        caches; returns each one's hidden states ``[1, len, hidden]``."""
+        group, total = [], 0
+        for req in self.prefilling:
+            if req.computed or total + len(req.prompt) > budget:
+                break
+            group.append(req)
+            total += len(req.prompt)
+        if len(group) < 2:
+            return {}
+        device = self.model.device
+        ids = torch.tensor([[t for r in group for t in r.prompt]], device=device)
+        segments = torch.tensor([[i + 1 for i, r in enumerate(group) for _ in r.prompt]], device=device)
+        packed = KVCache.for_model(self.model, 1, total)
+        hidden = self.model.model(ids, attention_mask=segments, cache=packed)
+        out, start = {}, 0
+        for req in group:
+            end = start + len(req.prompt)
+            for layer in range(len(packed.keys)):
+                req.prefill.keys[layer][0, :, :end - start] = packed.keys[layer][0, :, start:end]
+                req.prefill.values[layer][0, :, :end - start] = packed.values[layer][0, :, start:end]
+            req.prefill.lengths = [end - start] * len(packed.keys)
+            out[req] = hidden[:, start:end]
+            start = end
+        return out
 
     def _decode(self) -> None:
         n = len(self.running)
