@@ -263,3 +263,19 @@ def test_prompts_prefilled_together_in_one_packed_pass_decode_as_alone(pos):
     _run(batcher, reqs)
     assert packed[0] == 4
     assert [r.tokens for r in reqs] == ref
+
+
+@torch.no_grad()
+def test_bf16_model_decodes_on_an_fp32_slot_cache_on_cpu():
+    from baichuan2.model.generate import Batcher, Request
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name("tiny-alibi", max_position_embeddings=64)).to(torch.bfloat16).eval()
+    batcher = Batcher(model, max_seqs=2)
+    assert batcher.cache.dtype == torch.float32  # (attention in fp32: PyTorch's bf16 one-query kernels are slow)
+    cfg = SamplingConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[])
+    reqs = [Request([5, 6, 7], cfg), Request([9] * 11, cfg)]
+    _run(batcher, reqs)
+    assert [len(r.tokens) for r in reqs] == [5, 5]
+    # the first token comes from the prefill (bf16 cache, bf16 attention) and agrees with a plain forward
+    assert reqs[0].tokens[0] == int(model(torch.tensor([[5, 6, 7]])).logits[0, -1].float().argmax())

@@ -473,9 +473,11 @@ class Attention(nn.Module):
         if bias.flex is not None:
             y = bias.flex(q, k, v)
         else:
-            # a cache may hold keys/values in a wider dtype than the model (SlotKVCache on CPU)
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias.mask, is_causal=bias.is_causal)
-        return self.o_proj(y.transpose(1, 2).flatten(2).to(x.dtype))
+            # a cache may hold keys/values in a wider dtype than the model (SlotKVCache on CPU): attend in
+            # that dtype, hand the result back in the queries' own (a no-op everywhere else)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias.mask,
+                                               is_causal=bias.is_causal).to(q.dtype)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
