@@ -17,7 +17,7 @@ Also (``--decode-batch``): in-process greedy decoding at batch 8, our engine vs 
 on the same (Llama-converted) weights.
 
     python benchmarks/serve_throughput.py [--clients 1,4,16,64] [--new-tokens 128] [--dtypes float32,bfloat16]
-        [--families 7b,13b] [--engines ours,serial,vllm] [--vllm-venv /work/peers/vllm-venv]
+        [--families 7b,13b] [--engines ours,serial,vllm] [--vllm-venv /work/peers/vllm-venv] [--quick]
 """
 
 from __future__ import annotations
@@ -231,14 +231,19 @@ def main() -> None:
     ap.add_argument("--serial-max-clients", type=int, default=16, help="skip the serial server above this")
     ap.add_argument("--serial-ref", default="b99cb17", help="git ref of the old serial server")
     ap.add_argument("--vllm-venv", default="/work/peers/vllm-venv")
-    ap.add_argument("--vllm-kv-gb", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    ap.add_argument("--vllm-kv-gb", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (whole GiB: vLLM reads an int)")
     ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "baichuan2-tokenizer"))
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "serve_throughput"))
     ap.add_argument("--decode-batch", type=int, default=8, help="in-process batch decode vs HF (0 = skip)")
     ap.add_argument("--port", type=int, default=18123)
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the in-process decode (0 = default)")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--quick", action="store_true",
+                    help="the 7B family only, 1 and 16 clients, 32 new tokens (about 3 minutes on an idle machine, "
+                         "plus vLLM's start-up)")
     args = ap.parse_args()
+    if args.quick:
+        args.families, args.clients, args.new_tokens = "7b", "1,16", 32
     if args.threads:
         import torch
 

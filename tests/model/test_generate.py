@@ -205,3 +205,77 @@ def test_cancel_budget_and_context_limit():
     assert other.finish_reason == "length" and len(other.tokens) == 32 - 10  # stopped at the context length
     with pytest.raises(ValueError, match="context length"):
         batcher.add(Request([1] * 32, SamplingConfig(max_new_tokens=1)))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is part of every CPU build of torch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_inference_weights_match_and_follow_weight_changes(dtype):
+    import copy
+
+    from baichuan2.model.model import prepack_for_inference
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name("tiny-rope", max_position_embeddings=64)).to(dtype).eval()
+    ids = torch.randint(3, 500, (3, 7))
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        plain = model(ids).logits.float()
+    assert prepack_for_inference(model) == 5 * model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        packed = model(ids).logits.float()
+    assert model.lm_head._packed.packed is not None and model.model.layers[0].mlp.up_proj._packed.packed is not None
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(packed, plain, atol=tol, rtol=tol)
+    # a weight changed in place (version counter) is repacked; the packed copies never reach a state dict
+    with torch.no_grad():
+        model.lm_head.weight[:10].mul_(-1)
+        flipped = model(ids).logits.float()
+    assert torch.allclose(flipped[..., :10], -packed[..., :10], atol=tol, rtol=tol)
+    assert list(model.state_dict()) == keys
+    twin = copy.deepcopy(model)  # (an oneDNN tensor cannot be deep-copied: the cache is left behind)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits.float(), flipped)
+    # with grad the plain path runs and gradients flow; train() drops the copies
+    model.train()
+    assert model.lm_head._packed.packed is None
+    model(ids, ids).loss.backward()
+    assert model.model.layers[0].self_attn.W_pack.weight.grad is not None
+    prepack_for_inference(model, enable=False)
+    assert not model.lm_head.prepack
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@torch.no_grad()
+def test_prompts_prefilled_together_in_one_packed_pass_decode_as_alone(pos):
+    from baichuan2.model.generate import Batcher, Request
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name(f"tiny-{pos}", max_position_embeddings=64)).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 1, 11, 8, 20)]
+    cfg = SamplingConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[])
+    ref = [_reference_greedy(model, p, 6) for p in prompts]
+    batcher = Batcher(model, max_seqs=8, prefill_chunk=26)  # the first four fit one packed pass, the 5th waits
+    packed = []
+    fresh = batcher._prefill_fresh
+    batcher._prefill_fresh = lambda budget: packed.append(len(out := fresh(budget))) or out
+    reqs = [Request(p, cfg) for p in prompts]
+    _run(batcher, reqs)
+    assert packed[0] == 4
+    assert [r.tokens for r in reqs] == ref
+
+
+@torch.no_grad()
+def test_bf16_model_decodes_on_an_fp32_slot_cache_on_cpu():
+    from baichuan2.model.generate import Batcher, Request
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name("tiny-alibi", max_position_embeddings=64)).to(torch.bfloat16).eval()
+    batcher = Batcher(model, max_seqs=2)
+    assert batcher.cache.dtype == torch.float32  # (attention in fp32: PyTorch's bf16 one-query kernels are slow)
+    cfg = SamplingConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[])
+    reqs = [Request([5, 6, 7], cfg), Request([9] * 11, cfg)]
+    _run(batcher, reqs)
+    assert [len(r.tokens) for r in reqs] == [5, 5]
+    # the first token comes from the prefill (bf16 cache, bf16 attention) and agrees with a plain forward
+    assert reqs[0].tokens[0] == int(model(torch.tensor([[5, 6, 7]])).logits[0, -1].float().argmax())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from baichuan2.model.model import Baichuan, KVCache, SlotKVCache
+from baichuan2.model.model import Baichuan, KVCache, PrepackedWeight, SlotKVCache, prepack_for_inference
 
 
 @dataclass
@@ -180,6 +180,22 @@ def column_major_weights(model: torch.nn.Module) -> None:
                 w.data = w.data.t().contiguous().t()
 
 
+def _packable_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2 and PrepackedWeight.supported(p))
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; 0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # continuous batching
 # ---------------------------------------------------------------------------------------
@@ -282,12 +298,20 @@ class Batcher:
             tokens each); admission waits for room.  Default: ``max_seqs * max_len``.
         prefill_chunk: prompt tokens computed per step, so a long prompt never stalls running streams.
         prefix_cache_tokens: prompt-prefix tokens kept for reuse (0 = no prefix cache).
+        prepack: run the linear layers on oneDNN-prepacked weight copies (CPU; see `PrepackedWeight`);
+            default: when the copies fit in the available memory.
     """
 
     def __init__(self, model: Baichuan, max_seqs: int = 64, max_len: int | None = None,
-                 kv_budget_tokens: int | None = None, prefill_chunk: int = 512, prefix_cache_tokens: int = 0):
-        self.model = model.eval()
-        column_major_weights(model)
+                 kv_budget_tokens: int | None = None, prefill_chunk: int = 512, prefix_cache_tokens: int = 0,
+                 prepack: bool | None = None):
+        if model.training:  # (a switch drops the model's inference caches: only when needed)
+            model.eval()
+        self.model = model
+        if prepack is None:  # the packed copies cost the weights' memory once more: only when it is free
+            prepack = _packable_bytes(model) * 1.25 < _available_memory()
+        if not (prepack and prepack_for_inference(model)):
+            column_major_weights(model)
         self.max_len = max_len or model.config.max_position_embeddings
         self.max_seqs = max_seqs
         self.kv_budget = kv_budget_tokens or max_seqs * self.max_len
@@ -392,12 +416,20 @@ class Batcher:
             self.prefilling.append(req)
 
     def _prefill(self) -> None:
+        """Compute up to ``prefill_chunk`` prompt tokens; the prompts completed here start running together
+        (one pass of the output layer for all their first tokens: on a 125k vocabulary it costs as much
+        as the rest of a small model)."""
         budget = self.prefill_chunk
+        done, last_hidden = [], []
+        fresh = self._prefill_fresh(budget)
         while self.prefilling and budget > 0:
             req = self.prefilling[0]
-            n = min(len(req.prompt) - req.computed, budget)
-            ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
-            logits = self.model(ids, cache=req.prefill, last_only=True).logits[:, -1]
+            if req in fresh:
+                hidden, n = fresh[req], len(req.prompt)
+            else:
+                n = min(len(req.prompt) - req.computed, budget)
+                ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
+                hidden = self.model.model(ids, cache=req.prefill)
             req.computed += n
             budget -= n
             if req.computed < len(req.prompt):
@@ -411,7 +443,40 @@ class Batcher:
             self.seen[row, torch.tensor(req.prompt, device=self.seen.device)] = True
             req.prefill = None
             self.running.append(req)
-            self._accept([req], logits)
+            done.append(req)
+            last_hidden.append(hidden[:, -1])
+        if done:
+            self._accept(done, self.model.lm_head(torch.cat(last_hidden)))
+
+    def _prefill_fresh(self, budget: int) -> dict[Request, torch.Tensor]:
+        """Prefill the whole prompts at the head of the queue that have nothing computed yet and fit the
+        budget together, in ONE forward pass: the prompts are packed into one row as separate segments
+        (the model's segment-id mask: each attends to itself only, positions restart), so the weights are
+        read once for all of them instead of once per prompt.  Their keys/values land in their own prefill
+        caches; returns each one's hidden states ``[1, len, hidden]``."""
+        group, total = [], 0
+        for req in self.prefilling:
+            if req.computed or total + len(req.prompt) > budget:
+                break
+            group.append(req)
+            total += len(req.prompt)
+        if len(group) < 2:
+            return {}
+        device = self.model.device
+        ids = torch.tensor([[t for r in group for t in r.prompt]], device=device)
+        segments = torch.tensor([[i + 1 for i, r in enumerate(group) for _ in r.prompt]], device=device)
+        packed = KVCache.for_model(self.model, 1, total)
+        hidden = self.model.model(ids, attention_mask=segments, cache=packed)
+        out, start = {}, 0
+        for req in group:
+            end = start + len(req.prompt)
+            for layer in range(len(packed.keys)):
+                req.prefill.keys[layer][0, :, :end - start] = packed.keys[layer][0, :, start:end]
+                req.prefill.values[layer][0, :, :end - start] = packed.values[layer][0, :, start:end]
+            req.prefill.lengths = [end - start] * len(packed.keys)
+            out[req] = hidden[:, start:end]
+            start = end
+        return out
 
     def _decode(self) -> None:
         n = len(self.running)
@@ -424,18 +489,22 @@ class Batcher:
         """Sample one token for each of ``reqs`` (running rows ``row0..``) and retire the finished."""
         row0 = self.running.index(reqs[0])
         rows = slice(row0, row0 + len(reqs))
-        logits = logits.float()
-        penalty = torch.tensor([r.cfg.repetition_penalty for r in reqs], device=logits.device)
-        if bool((penalty != 1.0).any()):
-            logits = apply_repetition_penalty(logits, self.seen[rows], penalty)
         greedy = [r.cfg.greedy for r in reqs]
-        temperature = torch.tensor([0.0 if g else r.cfg.temperature for g, r in zip(greedy, reqs)],
-                                   device=logits.device)
-        uniforms = torch.tensor([0.0 if g else float(torch.rand((), generator=r.generator))
-                                 for g, r in zip(greedy, reqs)], device=logits.device)
-        top_k = torch.tensor([r.cfg.top_k for r in reqs], device=logits.device)
-        top_p = torch.tensor([r.cfg.top_p for r in reqs], device=logits.device)
-        tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
+        penalties = [r.cfg.repetition_penalty for r in reqs]
+        if all(greedy) and all(p == 1.0 for p in penalties):  # the common case: no per-row tensors, no fp32 copy
+            tokens = logits.argmax(dim=-1)
+        else:
+            logits = logits.float()
+            if any(p != 1.0 for p in penalties):
+                logits = apply_repetition_penalty(logits, self.seen[rows],
+                                                  torch.tensor(penalties, device=logits.device))
+            temperature = torch.tensor([0.0 if g else r.cfg.temperature for g, r in zip(greedy, reqs)],
+                                       device=logits.device)
+            uniforms = torch.tensor([0.0 if g else float(torch.rand((), generator=r.generator))
+                                     for g, r in zip(greedy, reqs)], device=logits.device)
+            top_k = torch.tensor([r.cfg.top_k for r in reqs], device=logits.device)
+            top_p = torch.tensor([r.cfg.top_p for r in reqs], device=logits.device)
+            tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
         self.seen[torch.arange(row0, row0 + len(reqs), device=self.seen.device), tokens] = True
         finished = []
         for row, (req, token) in enumerate(zip(reqs, tokens.tolist()), start=row0):
