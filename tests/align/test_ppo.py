@@ -168,7 +168,10 @@ def test_bad_ppo_settings_are_refused_before_any_work(checkpoint, tmp_path):  # 
 
 
 def test_a_killed_ppo_run_resumes_to_the_same_results(checkpoint, tmp_path, monkeypatch):  # noqa: F811
-    """Checkpoint every iteration; die inside iteration 3; resume: metrics and final actor equal an unbroken run."""
+    """Checkpoint every iteration; die inside iteration 3; resume: metrics and final actor equal an unbroken run.
+
+    (Bit-exact: it caught fused AdamW's moments restored in the weights' old memory layout while rollouts
+    had re-laid the actor column-major, which changed the first actor update after the resume.)"""
     from baichuan2.train.engine import CheckpointArgs
 
     tok = Tokenizer.from_pretrained(checkpoint)
