@@ -19,7 +19,7 @@ from baichuan2.model.config import ModelConfig
 from baichuan2.pipeline.page import fenced
 from baichuan2.pipeline.run import PipelineRecipe, run_all
 from baichuan2.pipeline.scaling import bootstrap_fits, fit_scaling_law, plan_ladder, prediction_interval
-from baichuan2.pipeline.scaling_cli import LadderArgs
+from baichuan2.pipeline.scaling_cli import LadderArgs, ladder_train
 from baichuan2.utils.metrics import MetricsLogger, read_metrics
 from tests.conftest import REPO, SHARED_DATA
 
@@ -70,7 +70,7 @@ def test_long_blank_runs_do_not_render_as_an_empty_block():
 SMALL = dict(code_bytes=200_000, docs_bytes=200_000, workers=1, embed_encoder="none", vocab_size=1024,
              release_every_tokens=40_000, bench_dir=str(SHARED_DATA / "bench"), eval_limit=1, sft_epochs=1,
              checkpoint_every=10, ladder=LadderArgs(tokens=81_920, seq_len=128, global_batch_tokens=2048,
-                                                     micro_batch_size=8))  # the default ladder, fewer tokens
+                                                     train=ladder_train(micro_batch_size=8)))  # the default ladder, fewer tokens
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from baichuan2.model.generate import column_major_weights
 from baichuan2.train.engine import (BadStepGuard, CheckpointArgs, DivergenceArgs, FitArgs, OptimizerStep, autocast_for,
                                     resolve_precision)
 from baichuan2.train.optim import OptimArgs
@@ -298,6 +299,11 @@ class PPOTrainer:
             p.requires_grad_(False)
         optim, fit_args = optim or ppo_optim(), fit_args or FitArgs(precision="fp32")
         self.optim = optim
+        # Rollouts store the actor's weights in the decoding layout (``column_major_weights``: transposed
+        # memory). Do it now, before the actor's optimiser holds any state: fused AdamW walks parameter,
+        # gradient and moments as flat memory, so moments created (or restored on resume) in the old layout
+        # would silently be paired with the wrong weight elements after the first rollout.
+        column_major_weights(actor)
         self.actor_step = _Updater(actor, optim, args.iterations, fit_args.max_bad_steps, "policy")
         self.critic_step = _Updater(critic, dataclasses.replace(optim, lr=args.critic_lr or optim.lr), args.iterations,
                                     fit_args.max_bad_steps, "value")

@@ -7,12 +7,30 @@ Every rung (and the held-out target) is trained with identical settings except m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from baichuan2.pipeline.scaling import (Rung, bootstrap_fits, fit_scaling_law, plan_ladder, plot_scaling_law,
                                        prediction_interval)
+from baichuan2.train.engine import FitArgs
+from baichuan2.train.optim import OptimArgs
 from baichuan2.utils.io import InputError, atomic_write_json, read_json
+
+
+def ladder_optim(**changes) -> OptimArgs:
+    """The ladder's AdamW: peak lr 2e-2 at the narrowest rung (``lr_width_exponent`` scales it for wider
+    ones), warm-up over 10% of each rung's steps, then pretraining's cosine decay and clipping."""
+    return dataclasses.replace(OptimArgs(lr=2e-2, warmup_frac=0.1), **changes)
+
+
+def ladder_train(**changes) -> FitArgs:
+    """The engine's settings of every rung: 4-row micro-batches, the rest as any run."""
+    return dataclasses.replace(FitArgs(micro_batch_size=4), **changes)
+
+
+# set per rung from its length (logging ~50 times, evaluating at the end): not part of the recipe
+_PER_RUNG = ("log_every", "eval_every", "stop_after")
 
 
 @dataclass
@@ -32,14 +50,13 @@ class LadderArgs:
         seq_len: Sequence length.
         vocab_size: Vocabulary size (read from the shards' manifest when 0).
         global_batch_tokens: Tokens per optimizer step (same for every rung).
-        micro_batch_size: Rows per forward pass.
-        lr: Peak learning rate of the narrowest rung.
-        lr_width_exponent: Wider rungs get lr * (narrowest hidden / hidden) ** exponent. 0 keeps one LR for
-            every rung; 1 is the muP rule for Adam's hidden layers (the optimal LR falls as 1/width). With
-            one LR, the wider rungs of a small ladder are over-stepped and the curve bends upwards.
-        warmup_frac: Warm-up as a fraction of each rung's steps.
-        precision: "auto", "bf16" or "fp32".
-        seed: Data order and initialisation seed.
+        optim: AdamW and the LR schedule, shared by every verb; optim.lr is the peak LR of the narrowest
+            rung, warm-up is best given as optim.warmup_frac (a fraction of each rung's steps).
+        lr_width_exponent: Wider rungs get optim.lr * (narrowest hidden / hidden) ** exponent. 0 keeps one
+            LR for every rung; 1 is the muP rule for Adam's hidden layers (the optimal LR falls as 1/width).
+            With one LR, the wider rungs of a small ladder are over-stepped and the curve bends upwards.
+        train: The engine's settings, shared by every verb (micro_batch_size, precision, seed, compile,
+            bad-step policy ...); log_every, eval_every and stop_after are set per rung.
         val_shards: Held-out token shards; every rung is scored on the same val_rows rows of them at its
             last step and the fit uses that loss (training-batch loss is too noisy at small scale). Empty:
             fit the smoothed training loss instead.
@@ -55,14 +72,20 @@ class LadderArgs:
     seq_len: int = 256
     vocab_size: int = 0
     global_batch_tokens: int = 1024
-    micro_batch_size: int = 4
-    lr: float = 2e-2
+    optim: OptimArgs = field(default_factory=ladder_optim)
     lr_width_exponent: float = 1.0
-    warmup_frac: float = 0.1
-    precision: str = "auto"
-    seed: int = 0
+    train: FitArgs = field(default_factory=ladder_train)
     val_shards: str = ""
     val_rows: int = 256
+
+
+def check_ladder(args: LadderArgs) -> None:
+    """Refuse, in one line, settings the ladder derives per rung."""
+    defaults = FitArgs()
+    fixed = [f"ladder.train.{k}" for k in _PER_RUNG if getattr(args.train, k) != getattr(defaults, k)]
+    if fixed:
+        raise InputError(f"{', '.join(fixed)}: set per rung by the ladder (logging ~50 times, evaluating at the "
+                         "last step); leave unset")
 
 
 def _vocab(args: LadderArgs, shards: str) -> int:
@@ -78,6 +101,7 @@ def _vocab(args: LadderArgs, shards: str) -> int:
 
 
 def plan_rungs(args: LadderArgs, vocab_size: int) -> tuple[list[Rung], Rung]:
+    check_ladder(args)
     budget = dict(tokens_per_param=0.0, min_tokens=args.tokens, max_tokens=args.tokens) if args.tokens else \
         dict(tokens_per_param=args.tokens_per_param, min_tokens=args.min_tokens)
     rungs = plan_ladder(args.presets, args.seq_len, vocab_size, **budget)
@@ -86,30 +110,30 @@ def plan_rungs(args: LadderArgs, vocab_size: int) -> tuple[list[Rung], Rung]:
 
 
 def rung_lr(args: LadderArgs, preset: str) -> float:
-    """The rung's peak LR: ``lr`` at the narrowest rung, scaled by width ** -lr_width_exponent."""
+    """The rung's peak LR: ``optim.lr`` at the narrowest rung, scaled by width ** -lr_width_exponent."""
     from baichuan2.model.config import ModelConfig
 
     widths = [ModelConfig.from_name(p).hidden_size for p in [*args.presets, args.target]]
-    return args.lr * (min(widths) / ModelConfig.from_name(preset).hidden_size) ** args.lr_width_exponent
+    return args.optim.lr * (min(widths) / ModelConfig.from_name(preset).hidden_size) ** args.lr_width_exponent
 
 
 def rung_config(args: LadderArgs, rung: Rung, shards: str, run_dir: str, evals: int = 1, **checkpoint):
     """The PretrainConfig of one rung: identical across rungs except the model, token budget and (with
     lr_width_exponent) the width-scaled LR. ``evals``: held-out evaluations spread over the run (the
     last one, at the final step, is the loss the fit uses)."""
-    from baichuan2.train.optim import OptimArgs
     from baichuan2.train.trainer import CheckpointArgs, DataArgs, ModelArgs, PretrainConfig, TrainArgs
 
     steps = max(1, rung.tokens // args.global_batch_tokens)
+    engine = {f.name: getattr(args.train, f.name) for f in dataclasses.fields(FitArgs)}
+    engine.update(micro_batch_size=args.train.micro_batch_size or max(1, args.global_batch_tokens // args.seq_len),
+                  log_every=max(1, steps // 50), eval_every=steps // evals if evals > 1 else 0)
     return PretrainConfig(
         out_dir=run_dir,
         model=ModelArgs(preset=rung.preset, overrides={"vocab_size": rung.overrides["vocab_size"]}),
         data=DataArgs(shards=shards, seq_len=args.seq_len, val_shards=args.val_shards or None,
                       val_rows=args.val_rows),
-        optim=OptimArgs(lr=rung_lr(args, rung.preset), warmup_steps=max(1, int(args.warmup_frac * steps))),
-        train=TrainArgs(global_batch_tokens=args.global_batch_tokens, micro_batch_size=args.micro_batch_size,
-                        max_steps=steps, precision=args.precision, seed=args.seed, log_every=max(1, steps // 50),
-                        eval_every=steps // evals if evals > 1 else 0),
+        optim=dataclasses.replace(args.optim, lr=rung_lr(args, rung.preset)).for_run(steps),
+        train=TrainArgs(**engine, global_batch_tokens=args.global_batch_tokens, max_steps=steps),
         checkpoint=CheckpointArgs(**checkpoint) if checkpoint else CheckpointArgs(release_final=False),
     )
 
