@@ -102,6 +102,8 @@ def test_tokenizer_metadata_is_the_sentencepiece_vocabulary(tmp_path, tokenizer_
     byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in (0, 0x41, 0xFF)]
     assert all(types[i] == gguf.TokenType.BYTE for i in byte_ids)
     assert types[1] == gguf.TokenType.CONTROL and types[0] == gguf.TokenType.UNKNOWN
+    assert types[195] == types[196] == gguf.TokenType.USER_DEFINED  # role pieces: matched whole, as sentencepiece does
+    assert types[VOCAB - 1] == gguf.TokenType.NORMAL
     assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
 
 

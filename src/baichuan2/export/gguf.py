@@ -119,6 +119,8 @@ def _add_sentencepiece_vocab(writer, model_file: Path, vocab_size: int) -> None:
     from gguf import TokenType
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    proto = _model_proto(sp)
+    user_defined = {i for i, piece in enumerate(proto.pieces) if piece.type == piece.USER_DEFINED}
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i).encode("utf-8"))
@@ -131,6 +133,8 @@ def _add_sentencepiece_vocab(writer, model_file: Path, vocab_size: int) -> None:
             types.append(TokenType.UNUSED)
         elif sp.is_byte(i):
             types.append(TokenType.BYTE)
+        elif i in user_defined:  # matched whole in raw text (<reserved_106> ...), by llama.cpp too
+            types.append(TokenType.USER_DEFINED)
         else:
             types.append(TokenType.NORMAL)
     for i in range(sp.vocab_size(), vocab_size):  # model rows beyond the tokenizer (padded vocabularies)
@@ -148,7 +152,7 @@ def _add_sentencepiece_vocab(writer, model_file: Path, vocab_size: int) -> None:
     writer.add_pad_token_id(sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id())
     writer.add_add_bos_token(False)  # Baichuan 2: add_bos_token=false
     writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(sp.serialized_model_proto is not None and _adds_dummy_prefix(sp))
+    writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
     for role, piece in (("user", "<reserved_106>"), ("assistant", "<reserved_107>")):
         idx = sp.piece_to_id(piece)
         if idx != sp.unk_id():
@@ -224,12 +228,12 @@ def _add_bpe_vocab(writer, directory: Path, vocab_size: int, bos_id: int, eos_id
     special.add_to_gguf(writer, quiet=True)
 
 
-def _adds_dummy_prefix(sp) -> bool:
+def _model_proto(sp):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
-    return bool(proto.normalizer_spec.add_dummy_prefix)
+    return proto
 
 
 def _encode(name: str, w: torch.Tensor, outtype: str):
