@@ -63,7 +63,8 @@ def llama_worker(spec: dict) -> dict:
     out["prefill_tok_s"] = len(prompt) / (time.perf_counter() - t0)
     tokens, t0 = [], time.perf_counter()
     for i in range(new):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # without logits_all llama-cpp-python keeps no scores: read the last position's logits from the context
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
         tokens.append(tok)
         if i < new - 1:
             llm.eval([tok])
