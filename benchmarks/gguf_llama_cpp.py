@@ -7,7 +7,8 @@ llama-cpp-python lives in its own virtualenv (``--llama-python``; built from sou
 * tokenization: llama.cpp's ids for English / Chinese / code / emoji text vs our tokenizer's
   (the vocabulary metadata read back by llama.cpp itself);
 * greedy tokens vs ours on the *same* weights (our model loaded from the dequantised GGUF) and vs our
-  fp32 checkpoint: the matching prefix length (f16 must match for ``--min-match`` tokens or the run fails);
+  fp32 checkpoint: the matching prefix length (f16 must match for ``--min-match`` tokens, default 8, and agree on
+  >= 98% of teacher-forced top-1 tokens, or the run fails);
 * teacher-forced logits on held-out text: top-1 agreement and max |logit difference| / logit range;
 * batch-1 prefill and decode tokens/s, ratios to our fp32 (same thread count, ``uptime`` load printed);
 * held-out perplexity (the stdlib docstrings of quant_decode.py, same windows) vs our fp32.
@@ -317,7 +318,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens (default 64, quick 32)")
     ap.add_argument("--min-match", type=int, default=None, help="f16 must match ours for this many tokens "
-                                                                 "(default: all new tokens)")
+                                                                 "(default 8)")
     ap.add_argument("--ppl-chars", type=int, default=None, help="held-out text (default 40000, quick 6000)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--compare-positions", type=int, default=64)
@@ -330,7 +331,9 @@ def main() -> None:
         print("RESULT " + json.dumps(llama_worker(json.loads(Path(args.llama_worker).read_text()))))
         return
     args.new_tokens = args.new_tokens or (32 if args.quick else 64)
-    args.min_match = args.min_match or args.new_tokens
+    # a random model's logits are near-ties: f16 rounding may flip a late greedy token (seen at token 12 of the
+    # random 7B-shape model, with 100% teacher-forced top-1 agreement), so the gate is 8 tokens + top-1 agreement
+    args.min_match = args.min_match or min(8, args.new_tokens)
     args.ppl_chars = args.ppl_chars or (6000 if args.quick else 40000)
     args.outtypes = [t for t in args.outtypes.split(",") if t]
     if not llama_cpp_available(args.llama_python):
@@ -371,6 +374,8 @@ def main() -> None:
               + (f"{r['ours_same_weights_ppl']:>11.3f}{r['greedy_match_same_weights']:>9}"
                  f"{r['greedy_match_ours_fp32']:>7}{r['top1_agree']:>6.2f}{r['max_logit_diff_rel']:>8.4f}"
                  f"{sum(r['tokenize_equal']):>4}/{len(r['tokenize_equal'])}" if llama else ""))
+        if r["variant"] == "llamacpp-f16" and r["top1_agree"] < 0.98:
+            failures.append(f"{r['model']} f16: teacher-forced top-1 agreement {r['top1_agree']:.3f} < 0.98")
         if r["variant"] == "llamacpp-f16" and r["greedy_match_same_weights"] < args.min_match:
             failures.append(f"{r['model']} f16: greedy tokens match ours for {r['greedy_match_same_weights']} "
                             f"< {args.min_match}")
