@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -122,39 +121,17 @@ def run_hf(ckpt: str, kind: str, args) -> dict:
     return result
 
 
-LLAMA_CPP_WORKER = r"""
-import json, sys, time, resource
-import numpy as np
-from llama_cpp import Llama
-path, prompt, new, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = Llama(model_path=path, n_ctx=len(prompt) + new + 8, n_batch=512, n_threads=threads, logits_all=False,
-            verbose=False)
-llm.eval(prompt[:8]); llm.reset()
-t0 = time.perf_counter(); llm.eval(prompt); prefill = time.perf_counter() - t0
-tokens = []
-t0 = time.perf_counter()
-for i in range(new):
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    tokens.append(tok)
-    if i < new - 1:
-        llm.eval([tok])
-decode = time.perf_counter() - t0
-print(json.dumps({"prefill_tok_s": len(prompt) / prefill, "decode_b1_tok_s": (new - 1) / decode,
-                  "greedy": tokens, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
 def run_llamacpp(ckpt: str, kind: str, args) -> dict:
     from baichuan2.export.gguf import export_gguf
 
     gguf_path = Path(args.work) / f"model-{kind}.gguf"
     if not gguf_path.exists():
         export_gguf(ckpt, str(gguf_path), kind)
+    from gguf_llama_cpp import run_llama_cpp  # the llama.cpp side lives in benchmarks/gguf_llama_cpp.py
+
     vocab = json.loads((Path(ckpt) / "config.json").read_text())["vocab_size"]
-    out = subprocess.run([args.llama_python, "-c", LLAMA_CPP_WORKER, str(gguf_path),
-                          json.dumps(prompts(1, args.prompt, vocab)[0]), str(args.new_tokens),
-                          str(torch.get_num_threads())], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_llama_cpp(gguf_path, prompts(1, args.prompt, vocab)[0], args.new_tokens, torch.get_num_threads(),
+                         args.llama_python)
 
 
 def _time(fn) -> float:
@@ -230,6 +207,13 @@ def perplexity_smollm(args) -> dict:
             r = perplexity(model, tok, docs, window=512, batch_size=4)
         del model
         out[kind], out["tokens"] = r["perplexity"], r["tokens"]
+    from gguf_llama_cpp import llama_cpp_available, smollm2_llama_cpp_perplexity
+
+    if llama_cpp_available(args.llama_python):  # our GGUF export of the same weights: same token stream, same windows
+        from baichuan2.eval.harness import bos_prefix
+
+        stream = [i for d in docs for i in bos_prefix(tok, "auto") + tok.encode(d) + [tok.eos_id]]
+        out.update(smollm2_llama_cpp_perplexity(stream, 512, args.llama_python))
     return out
 
 
@@ -284,8 +268,9 @@ def main() -> None:
         print(f"building {args.preset} (vocab {args.vocab}) in {ckpt} ...", flush=True)
         make_checkpoint(args.preset, args.vocab, ckpt)
     variants = [v for v in args.variants.split(",") if v]
-    has_llama = subprocess.run([args.llama_python, "-c", "import llama_cpp"], capture_output=True).returncode == 0 \
-        if os.path.exists(args.llama_python) else False
+    from gguf_llama_cpp import llama_cpp_available
+
+    has_llama = llama_cpp_available(args.llama_python)
     results: dict[str, dict] = {}
     for v in variants:
         if v.startswith("llamacpp") and not has_llama:
@@ -332,9 +317,9 @@ def main() -> None:
         for kind, r in q.items():
             print(f"  {kind:<5} ppl {r['ppl']:10.1f}  KL {r['kl']:.5f}  top-1 agreement {100 * r['top1']:.1f}%")
         ppl = perplexity_smollm(args)
-        print(f"SmolLM2-135M perplexity on {ppl['tokens']} held-out tokens (stdlib docstrings):")
-        for kind in ("fp32", "bf16", "int8", "int4"):
-            print(f"  {kind:<5} {ppl[kind]:8.3f}  ({100 * (ppl[kind] / ppl['fp32'] - 1):+.2f}% vs fp32)")
+        print(f"\nSmolLM2-135M perplexity on {ppl['tokens']} held-out tokens (stdlib docstrings):")
+        for kind in [k for k in ("fp32", "bf16", "int8", "int4", "llamacpp-q8_0", "llamacpp-q4_0") if k in ppl]:
+            print(f"  {kind:<13} {ppl[kind]:8.3f}  ({100 * (ppl[kind] / ppl['fp32'] - 1):+.2f}% vs fp32)")
 
 if __name__ == "__main__":
     main()

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from baichuan2.cli import main
-from baichuan2.export.gguf import CHAT_TEMPLATE, export_gguf, permute_for_ggml, read_gguf, state_from_gguf, unpermute_from_ggml
+from baichuan2.export.gguf import (CHAT_TEMPLATE, bpe_pre_tokenizer, export_gguf, permute_for_ggml, read_gguf,
+                                   state_from_gguf, unpermute_from_ggml)
 from baichuan2.model import Baichuan, ModelConfig
-from baichuan2.model.checkpoint import save_pretrained
+from baichuan2.model.checkpoint import load_pretrained, save_pretrained
+from baichuan2.tokenizer import Tokenizer
 from baichuan2.utils.io import InputError
 from tests.conftest import shared_path
 
@@ -100,6 +102,8 @@ def test_tokenizer_metadata_is_the_sentencepiece_vocabulary(tmp_path, tokenizer_
     byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in (0, 0x41, 0xFF)]
     assert all(types[i] == gguf.TokenType.BYTE for i in byte_ids)
     assert types[1] == gguf.TokenType.CONTROL and types[0] == gguf.TokenType.UNKNOWN
+    assert types[195] == types[196] == gguf.TokenType.USER_DEFINED  # role pieces: matched whole, as sentencepiece does
+    assert types[VOCAB - 1] == gguf.TokenType.NORMAL
     assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
 
 
@@ -133,3 +137,79 @@ def test_bad_inputs_give_one_clear_line(tmp_path, tokenizer_model):
         main(["export", "gguf", str(tmp_path / "notok"), str(tmp_path / "y.gguf")])
     with pytest.raises(SystemExit, match="no config.json"):
         main(["export", "gguf", str(tmp_path / "nothing"), str(tmp_path / "y.gguf")])
+
+
+# ---- Llama-family checkpoints (byte-level BPE tokenizer.json, plain head) ---------------------------------
+
+@pytest.fixture(scope="module")
+def converted_llama(tmp_path_factory):
+    """A tiny SmolLM2-shaped Llama (GQA, tied embeddings, byte-level BPE, ChatML) converted to our layout."""
+    from tests.tiny_llama import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("llama")
+    main(["convert", "from-llama", str(build_tiny_llama(root / "llama")), str(root / "bc")])
+    return root / "bc"
+
+
+BPE_TEXTS = ["Hello, how are you today?", "def add(a, b):\n    return a + b", "café 北京 百川 🙂",
+             "Numbers 12345 and  two  spaces", "<|im_start|>user\nhi<|im_end|>\n"]
+
+
+def test_bpe_checkpoint_exports_the_gpt2_vocabulary_merges_and_template(tmp_path, converted_llama):
+    import json
+
+    import gguf
+
+    from tests.tiny_llama import CHATML
+
+    main(["export", "gguf", str(converted_llama), str(tmp_path / "m.gguf")])
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    field = lambda name: reader.fields[name].contents()  # noqa: E731
+    source = json.loads((converted_llama / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {i: tok for tok, i in source["model"]["vocab"].items()}
+    vocab.update({t["id"]: t["content"] for t in source["added_tokens"]})
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("tokenizer.ggml.tokens") == [vocab[i] for i in range(len(vocab))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in source["model"]["merges"]]
+    assert field("tokenizer.ggml.merges") == merges and len(merges) > 100
+    types = field("tokenizer.ggml.token_type")
+    assert [types[i] for i in (0, 1, 2)] == [gguf.TokenType.CONTROL] * 3  # <|endoftext|> <|im_start|> <|im_end|>
+    assert types[200] == gguf.TokenType.NORMAL
+    assert field("tokenizer.chat_template") == CHATML
+    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")) == (1, 2)
+    assert field("tokenizer.ggml.add_bos_token") is False
+    meta, tensors = read_gguf(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "llama"
+    # a converted model's head is plain (norm_head false): it goes out un-normalised
+    head = load_pretrained(converted_llama, dtype="float32").lm_head.weight
+    assert torch.allclose(torch.from_numpy(tensors["output.weight"]), head, atol=2e-2)
+    assert head.norm(dim=-1).std() > 0.5  # rows of very different norms (a normalised head has none)
+
+
+def test_bpe_export_round_trips_through_transformers_and_convert_from_gguf(tmp_path, converted_llama):
+    """transformers reads our llama GGUF (un-permuting q/k, rebuilding the tokenizer from the metadata):
+    the tokens of English / Chinese / emoji / special-token text and the logits equal the source's."""
+    main(["export", "gguf", str(converted_llama), str(tmp_path / "m.gguf"), "--outtype", "f16"])
+    main(["convert", "from-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "back")])
+    source_tok, back_tok = Tokenizer.from_pretrained(converted_llama), Tokenizer.from_pretrained(tmp_path / "back")
+    for text in BPE_TEXTS:
+        assert back_tok.encode(text) == source_tok.encode(text), text
+    assert (back_tok.bos_id, back_tok.eos_id) == (source_tok.bos_id, source_tok.eos_id)
+    source, back = load_pretrained(converted_llama, dtype="float32"), load_pretrained(tmp_path / "back", dtype="float32")
+    ids = torch.tensor([source_tok.encode(" ".join(BPE_TEXTS))])
+    with torch.no_grad():
+        ref, out = source(ids).logits, back(ids).logits
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-3
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_bpe_pre_tokenizer_names_and_refusals():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert bpe_pre_tokenizer({"pre_tokenizer": byte_level}, "t") == "gpt-2"
+    assert bpe_pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}},
+                             "t") == "smollm"
+    with pytest.raises(InputError, match="no llama.cpp equivalent"):
+        bpe_pre_tokenizer({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}}, "t")
+    with pytest.raises(InputError, match="normalizer"):
+        bpe_pre_tokenizer({"pre_tokenizer": byte_level, "normalizer": {"type": "NFKC"}}, "t")

@@ -17,8 +17,15 @@ Which llama.cpp architecture (read from llama.cpp's ``convert_hf_to_gguf.py`` an
 Weights: ``f16`` (norms stay f32), ``q8_0`` or ``q4_0`` via ``gguf.quants``; tensors whose
 rows are not a multiple of the 32-value block fall back to f16, and under ``q4_0``
 the output head is stored q8_0 (llama.cpp's quantizer likewise keeps it wider).
-The tokenizer (SentencePiece pieces, scores, types incl. byte-fallback pieces), the
-chat role tokens and a Jinja chat template for the Baichuan 2 format go in the metadata.
+The tokenizer goes in the metadata, chosen as ``Tokenizer.from_pretrained`` chooses it:
+
+* Baichuan's SentencePiece ``tokenizer.model`` as llama.cpp's ``llama`` vocabulary (pieces, scores,
+  types incl. byte-fallback pieces, no dummy prefix), the chat role token ids and a Jinja template
+  for the Baichuan 2 format (or the checkpoint's own template);
+* a byte-level BPE ``tokenizer.json`` (Llama-family checkpoints such as a converted SmolLM2) as its
+  ``gpt2`` vocabulary: byte-level token strings, merges, added tokens as control/user-defined,
+  the pre-tokenizer by name, bos/eos/pad, add-bos flags and the checkpoint's chat template.
+  Their head is plain (``norm_head: false``) and is exported as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baichuan2.utils.io import InputError, fsync_dir
+from baichuan2.utils.io import InputError, fsync_dir, read_json
 
 OutType = Literal["f16", "q8_0", "q4_0"]
 # Baichuan 2 chat: optional system text raw, then <reserved_106> user / <reserved_107> assistant, no separators
@@ -57,12 +64,16 @@ def unpermute_from_ggml(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def gguf_tensors(state: dict[str, torch.Tensor], hidden: int, n_head: int, n_layer: int, rope: bool
-                 ) -> dict[str, torch.Tensor]:
-    """Our state dict as llama.cpp tensor names (fp32; NormHead normalised, W_pack split)."""
+def gguf_tensors(state: dict[str, torch.Tensor], hidden: int, n_head: int, n_layer: int, rope: bool,
+                 norm_head: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict as llama.cpp tensor names (fp32; a NormHead normalised, W_pack split).
+
+    A plain head (``norm_head: false``, checkpoints converted from Llama-family models) goes out as it is:
+    its row norms carry information."""
+    head = state["lm_head.weight"].float()
     out = {"token_embd.weight": state["model.embed_tokens.weight"],
            "output_norm.weight": state["model.norm.weight"],
-           "output.weight": F.normalize(state["lm_head.weight"].float(), dim=-1)}
+           "output.weight": F.normalize(head, dim=-1) if norm_head else head}
     for i in range(n_layer):
         p = f"model.layers.{i}."
         q, k, v = state[p + "self_attn.W_pack.weight"].float().split(hidden, dim=0)
@@ -108,6 +119,8 @@ def _add_sentencepiece_vocab(writer, model_file: Path, vocab_size: int) -> None:
     from gguf import TokenType
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    proto = _model_proto(sp)
+    user_defined = {i for i, piece in enumerate(proto.pieces) if piece.type == piece.USER_DEFINED}
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i).encode("utf-8"))
@@ -120,6 +133,8 @@ def _add_sentencepiece_vocab(writer, model_file: Path, vocab_size: int) -> None:
             types.append(TokenType.UNUSED)
         elif sp.is_byte(i):
             types.append(TokenType.BYTE)
+        elif i in user_defined:  # matched whole in raw text (<reserved_106> ...), by llama.cpp too
+            types.append(TokenType.USER_DEFINED)
         else:
             types.append(TokenType.NORMAL)
     for i in range(sp.vocab_size(), vocab_size):  # model rows beyond the tokenizer (padded vocabularies)
@@ -137,19 +152,88 @@ def _add_sentencepiece_vocab(writer, model_file: Path, vocab_size: int) -> None:
     writer.add_pad_token_id(sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id())
     writer.add_add_bos_token(False)  # Baichuan 2: add_bos_token=false
     writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(sp.serialized_model_proto is not None and _adds_dummy_prefix(sp))
+    writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
     for role, piece in (("user", "<reserved_106>"), ("assistant", "<reserved_107>")):
         idx = sp.piece_to_id(piece)
         if idx != sp.unk_id():
             writer.add_uint32(f"baichuan2.chat.{role}_token_id", idx)
 
 
-def _adds_dummy_prefix(sp) -> bool:
+# Hugging Face byte-level pre-tokenizers, by structure, as llama.cpp's ``tokenizer.ggml.pre`` names
+# (llama-vocab.cpp: "gpt-2" splits with the GPT-2 regex; "smollm" splits every digit first, then the same regex).
+_BPE_PRE = {("byte_level",): "gpt-2", ("digits", "byte_level"): "smollm"}
+
+
+def bpe_pre_tokenizer(tokenizer: dict, source: str) -> str:
+    """llama.cpp's pre-tokenizer name for a ``tokenizer.json``; an error for splits it has no name for."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    shape = []
+    for step in steps:
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space"):
+            shape.append("byte_level")
+        elif step.get("type") == "Digits" and step.get("individual_digits"):
+            shape.append("digits")
+        else:
+            shape.append(json.dumps(step, sort_keys=True))
+    if tuple(shape) not in _BPE_PRE:
+        raise InputError(f"{source}: pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent this "
+                         f"export knows (byte-level GPT-2 or SmolLM digit splitting)")
+    if tokenizer.get("normalizer"):
+        raise InputError(f"{source}: a tokenizer.json normalizer ({tokenizer['normalizer'].get('type')}) "
+                         "llama.cpp's BPE tokenizer would not apply")
+    return _BPE_PRE[tuple(shape)]
+
+
+def _add_bpe_vocab(writer, directory: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """A byte-level BPE ``tokenizer.json`` (Llama-family checkpoints, e.g. SmolLM2) as llama.cpp's ``gpt2``
+    vocabulary: byte-level token strings, merges, added tokens typed control (special) or user-defined,
+    bos/eos/pad, add-bos flags and the chat template from the checkpoint's tokenizer config."""
+    from gguf import SpecialVocab, TokenType
+
+    source = str(directory / "tokenizer.json")
+    tokenizer = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tokenizer.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise InputError(f"{source}: only byte-level BPE tokenizer.json files export (this is "
+                         f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''})")
+    pre = bpe_pre_tokenizer(tokenizer, source)
+    pieces = {i: tok for tok, i in model["vocab"].items()}
+    added = {t["id"]: t for t in tokenizer.get("added_tokens", [])}
+    pieces.update({i: t["content"] for i, t in added.items()})
+    if max(pieces) >= vocab_size:
+        raise InputError(f"{source}: token id {max(pieces)} is outside the model's {vocab_size}-row embedding")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in pieces:  # model rows beyond the tokenizer (padded vocabularies)
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        elif i in added:
+            tokens.append(pieces[i])
+            types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+        else:
+            tokens.append(pieces[i])
+            types.append(TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise InputError(f"{source}: no BPE merges")
+    special.special_token_ids.setdefault("bos", bos_id)  # config.json's ids when the tokenizer names none
+    special.special_token_ids.setdefault("eos", eos_id)
+    for flag in ("bos", "eos"):  # llama.cpp would otherwise pick a default per pre-tokenizer
+        special.add_special_token.setdefault(flag, False)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _model_proto(sp):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
-    return bool(proto.normalizer_spec.add_dummy_prefix)
+    return proto
 
 
 def _encode(name: str, w: torch.Tensor, outtype: str):
@@ -194,12 +278,18 @@ def export_gguf(checkpoint: str, out: str, outtype: OutType = "f16", overwrite: 
     if not rope and cfg.num_hidden_layers != 40:
         raise InputError(f"{checkpoint}: llama.cpp runs ALiBi Baichuan models only with 40 layers (the 13B); "
                          f"this one has {cfg.num_hidden_layers}, which llama.cpp would run without positions")
-    tok_file = Path(checkpoint) / "tokenizer.model"
-    if not tok_file.exists():
-        raise InputError(f"{checkpoint}: no tokenizer.model to embed (GGUF files carry their tokenizer)")
+    tok_dir = Path(checkpoint)
+    sp_file, json_file = tok_dir / "tokenizer.model", tok_dir / "tokenizer.json"
+    tok_config = read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").exists() else {}
+    # the same choice as Tokenizer.from_pretrained: SentencePiece for Baichuan, else the tokenizer.json
+    sentencepiece = sp_file.is_file() and (tok_config.get("tokenizer_class") == "BaichuanTokenizer"
+                                           or not json_file.is_file())
+    if not sentencepiece and not json_file.is_file():
+        raise InputError(f"{checkpoint}: no tokenizer.model or tokenizer.json to embed "
+                         "(GGUF files carry their tokenizer)")
     arch = "llama" if rope else "baichuan"
     tensors = gguf_tensors(model.state_dict(), cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers,
-                           rope)
+                           rope, cfg.norm_head)
     del model
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
@@ -223,10 +313,14 @@ def export_gguf(checkpoint: str, out: str, outtype: OutType = "f16", overwrite: 
         writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_sentencepiece_vocab(writer, tok_file, cfg.vocab_size)
-        writer.add_chat_template(CHAT_TEMPLATE)
-        writer.add_string("baichuan2.source", json.dumps({"position_embedding": cfg.position_embedding,
-                                                          "head": "NormHead pre-normalised"}))
+        if sentencepiece:
+            _add_sentencepiece_vocab(writer, sp_file, cfg.vocab_size)
+            writer.add_chat_template(tok_config.get("chat_template") or CHAT_TEMPLATE)
+        else:
+            _add_bpe_vocab(writer, tok_dir, cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
+        writer.add_string("baichuan2.source", json.dumps({
+            "position_embedding": cfg.position_embedding,
+            "head": "NormHead pre-normalised" if cfg.norm_head else "plain"}))
         for name, w in tensors.items():
             data, qtype = _encode(name, w, outtype)
             writer.add_tensor(name, data, raw_dtype=qtype)
