@@ -21,6 +21,7 @@ identical too. Prints items/s, tokens/s and ours' speed-up over each.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="8 items per benchmark, 64 new tokens")
     ap.add_argument("--work", default="/tmp/smollm2-eval")
+    ap.add_argument("--out", default=None, help="write the timings and completions as JSON here")
     args = ap.parse_args()
     if args.quick:
         args.items, args.max_new_tokens = 8, 64
@@ -92,6 +94,11 @@ def main() -> None:
             print(f"  {who} {name}: {seconds[(name, who)]:.1f} s", flush=True)
         del hf
 
+    if args.out:
+        Path(args.out).write_text(json.dumps({"items": args.items, "max_new_tokens": args.max_new_tokens,
+                                              "same_prompt_ids": same_ids,
+                                              "runs": [{"benchmark": b, "contender": w, "seconds": seconds[(b, w)],
+                                                        "completions": texts[(b, w)]} for b, w in texts]}, indent=1))
     print(f"\nprompt token ids identical on both sides: {same_ids}")
     print(f"{'benchmark':<11}{'contender':<18}{'items/s':>9}{'tokens':>8}{'tokens/s':>10}{'seconds':>9}"
           f"{'ours speed-up':>15}{'same text':>11}")

@@ -60,14 +60,35 @@ def shared_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
     return max(n, 0)
 
 
+class SharedPrefixCache:
+    """Keys/values of a prefix run once (batch 1), read by every row of a batch that continues it: the prefix
+    pass stores them, later passes see ``prefix + their own`` per layer, broadcast rather than copied, so
+    memory stays that of one plain forward pass (the ``Cache`` protocol)."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):  # the prefix pass
+            self.keys.append(key_states)
+            self.values.append(value_states)
+            return key_states, value_states
+        b = key_states.shape[0]
+        return (torch.cat([self.keys[layer_idx].expand(b, -1, -1, -1), key_states], 2),
+                torch.cat([self.values[layer_idx].expand(b, -1, -1, -1), value_states], 2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
+
+
 @torch.inference_mode()
 def _hidden(model: Baichuan, rows: list[list[int]], first_read: int = 0) -> tuple[torch.Tensor, int]:
     """``(hidden, offset)``: final hidden states of positions ``offset..`` of the right-padded rows.
 
-    Positions before ``first_read`` are never read, so the prefix all rows share up to there runs once
-    (batch 1, into a KV cache copied to every row) and only the rest runs batched: ``offset`` is its length."""
-    from baichuan2.model.model import KVCache
-
+    Positions before ``first_read`` are never read, so the prefix all rows share up to there runs once and
+    only the rest runs batched on top of its keys/values: ``offset`` is the prefix length."""
     dev = model.device
     p = shared_prefix(rows, first_read) if len(rows) > 1 else 0
     if p < MIN_SHARED_PREFIX:
@@ -77,9 +98,8 @@ def _hidden(model: Baichuan, rows: list[list[int]], first_read: int = 0) -> tupl
         out = model(ids.to(dev), attention_mask=None if bool(mask.all()) else mask.to(dev), return_logits=False,
                     return_hidden=True)
         return out.hidden_states, 0
-    cache = KVCache.for_model(model, 1, p + ids.shape[1])
+    cache = SharedPrefixCache()
     model.model(torch.tensor([rows[0][:p]], device=dev), cache=cache)
-    cache.reorder(torch.zeros(len(rows), dtype=torch.long, device=dev))
     full = torch.cat([torch.ones(len(rows), p, dtype=torch.long), mask], 1)
     hidden = model.model(ids.to(dev), attention_mask=None if bool(mask.all()) else full.to(dev), cache=cache)
     return hidden, p
