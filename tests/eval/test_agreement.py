@@ -1,7 +1,9 @@
 """Our MC harness on a converted Llama-family checkpoint (byte-level BPE, GQA, plain head) picks the same answer
 as a plain-transformers computation of the same prompts, on every item, in both scoring modes; the letters
 are scored as the tokenizer writes them after "Answer:" (" A", not "A"); BOS follows the tokenizer config.
-The SmolLM2 / lm-eval comparison on real weights is benchmarks/eval_agreement.py."""
+lm-eval's ``hf`` model on a local task built from the same rows (``write_mmlu_tasks``) sees our prompts character
+for character and gives the same scores. The SmolLM2 / lm-eval comparison on real weights (300 questions) is
+benchmarks/eval_agreement.py."""
 
 from __future__ import annotations
 
@@ -86,3 +88,55 @@ def test_bos_choice_is_explicit_and_recorded(converted, tmp_path):
     assert build_prompt(tok, bench, s, s.test[0], 1, 256, bos_prefix(tok, "true")).ids[0] == tok.bos_id
     with pytest.raises(ValueError, match="auto, true or false"):
         bos_prefix(tok, "yes")
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    """The tiny Llama with a 1024-token context, so few-shot MMLU prompts fit whole (at 256 tokens lm-eval would
+    cut their start where we drop shots), as ours and as a transformers directory."""
+    from baichuan2.model.checkpoint import load_pretrained
+    from baichuan2.model.convert import from_llama
+    from baichuan2.tokenizer import Tokenizer
+    from tests.tiny_llama import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("agree-long")
+    build_tiny_llama(root / "hf")
+    config = json.loads((root / "hf" / "config.json").read_text())
+    (root / "hf" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    from_llama(str(root / "hf"), str(root / "ours"))
+    return load_pretrained(root / "ours", dtype="float32").eval(), Tokenizer.from_pretrained(root / "ours"), root / "hf"
+
+
+@pytest.mark.skipif(not MMLU.is_dir(), reason="shared data not present")
+def test_lm_eval_hf_on_the_same_rows_sees_our_prompts_and_scores(long_context, tmp_path):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from baichuan2.eval.lm_eval_adapter import mc_samples, write_mmlu_tasks
+
+    model, tok, hf_dir = long_context
+    full = load_benchmark("mmlu", str(MMLU))
+    bench = Benchmark("mmlu", {k: dataclasses.replace(full.subjects[k], test=full.subjects[k].test[:2])
+                               for k in ("abstract_algebra", "world_religions")})  # the shortest prompts
+    shots = 2
+    evaluate_mc(model, tok, bench, MCArgs(shots=shots, mode="loglik", batch_size=4), tmp_path / "ours", progress=False)
+    ours = {(r["subject"], r["index"]): r
+            for r in map(json.loads, (tmp_path / "ours" / "items.jsonl").read_text().splitlines())}
+    tasks = write_mmlu_tasks(bench, tmp_path / "tasks", shots)
+    hf = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=4)
+    res = lm_eval.simple_evaluate(model=hf, tasks=tasks, num_fewshot=shots, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")), verbosity="ERROR")
+    theirs = mc_samples(res, tasks)
+    assert set(theirs) == set(ours)
+    limit = model.config.max_position_embeddings
+    for s in bench.subjects.values():
+        for it in s.test:
+            context, lls = theirs[(s.name, it.index)]
+            r = ours[(s.name, it.index)]
+            assert r["shots"] == shots
+            assert context == build_prompt(tok, bench, s, it, shots, limit, bos_prefix(tok)).text
+            assert r["scores"] == pytest.approx(lls, abs=2e-3)
+            assert r["pred"] == LETTERS[max(range(4), key=lls.__getitem__)]
+    with pytest.raises(ValueError, match="MMLU's template"):
+        write_mmlu_tasks(Benchmark("cmmlu", {}), tmp_path / "x")

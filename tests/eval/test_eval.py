@@ -115,6 +115,33 @@ def test_continuation_scores_equal_a_hand_computation(tiny):
         assert greedy == all(logp[len(ctx) - 1 + i].argmax().item() == t for i, t in enumerate(cont))
 
 
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_a_shared_prompt_prefix_runs_once_with_the_same_scores(position):
+    """Rows sharing a few-shot prefix (run once, keys/values copied to every row) score as if run alone,
+    with padding in the batch and rows whose reads start right after the prefix."""
+    from baichuan2.eval import scoring
+    from baichuan2.model import Baichuan, ModelConfig
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name(f"tiny-{position}", vocab_size=64, max_position_embeddings=128)).eval()
+    prefix = torch.randint(1, 64, (40,)).tolist()
+    tails = [[5], [7, 9, 11], torch.randint(1, 64, (17,)).tolist()]
+    prompts = [prefix + t for t in tails]
+    assert scoring.shared_prefix(prompts, 100) == 40 and scoring.shared_prefix(prompts, 12) == 12
+    with torch.no_grad():
+        alone = [torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1) for p in prompts]
+    letters = [3, 4, 5, 6]
+    got = scoring.letter_logprobs(model, prompts, letters, batch_size=3)
+    for row, logp, p in zip(got, alone, prompts, strict=True):
+        assert torch.allclose(row, logp[len(p) - 1, letters], atol=1e-4)
+    pairs = [(p, [8, 9]) for p in prompts] + [(prefix, [1, 2, 3])]
+    got = scoring.continuation_logprobs(model, pairs, batch_size=4)
+    for (ctx, cont), (lp, _) in zip(pairs, got, strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+        assert lp == pytest.approx(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
+
+
 def test_perplexity_equals_exp_mean_nll(tiny):
     model, tok = tiny
     text = "Hello, how are you today? I am fine, thank you."

@@ -7,9 +7,16 @@ from the same batched scorer as ``baichuan2 eval`` (so results agree), generatio
 sampler with lm-eval's ``until`` stop strings, batched. BOS follows the checkpoint's tokenizer config
 (``add_bos_token``; false for Baichuan 2) unless ``add_bos_token=true|false`` is given, as in lm-eval's
 ``hf`` model.
+
+``write_mmlu_tasks`` turns our MMLU rows into local lm-eval task files with our exact prompt, so any lm-eval
+model (``hf`` included) can be checked against ``baichuan2 eval mc`` item by item
+(``benchmarks/eval_agreement.py``, ``tests/eval/test_agreement.py``).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -83,3 +90,51 @@ class Baichuan2LM(TemplateLM):
             for i, text in zip(idx, texts, strict=True):
                 results[i] = text
         return results
+
+
+def write_mmlu_tasks(bench, directory: str | Path, shots: int = 5) -> list[str]:
+    """One lm-eval ``multiple_choice`` task per subject of an MMLU ``Benchmark``, written to ``directory`` as
+    ``mmlu_local_<subject>.yaml`` with its test rows and first ``shots`` dev rows as JSONL. The prompt is ours
+    (``tasks.mmlu_prompt``): the description line, then lm-eval joins ``Question\\nA. ..\\nAnswer:`` + " " +
+    letter shots with blank lines, the choices are the letters after the target delimiter " ". Returns the task
+    names (load them with ``TaskManager(include_path=directory)``)."""
+    import yaml
+
+    if bench.name != "mmlu":
+        raise ValueError(f"write_mmlu_tasks writes MMLU's template, not {bench.name}'s")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def rows(items) -> str:
+        return "".join(json.dumps({"question": it.question, **dict(zip("ABCD", it.choices, strict=True)),
+                                   "answer": it.answer}) + "\n" for it in items)
+
+    tasks = []
+    for name, s in bench.subjects.items():
+        (out / f"{name}_test.jsonl").write_text(rows(s.test), encoding="utf-8")
+        (out / f"{name}_dev.jsonl").write_text(rows(s.dev[:shots]), encoding="utf-8")
+        task = f"mmlu_local_{name}"
+        cfg = {"task": task, "dataset_path": "json",
+               "dataset_kwargs": {"data_files": {"test": str(out / f"{name}_test.jsonl"),
+                                                 "dev": str(out / f"{name}_dev.jsonl")}},
+               "test_split": "test", "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
+               "output_type": "multiple_choice",
+               "description": f"The following are multiple choice questions (with answers) about {s.display}.\n\n",
+               "doc_to_text": "{{question}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:",
+               "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "{{answer}}", "target_delimiter": " ",
+               "fewshot_delimiter": "\n\n", "metric_list": [{"metric": "acc", "aggregation": "mean",
+                                                              "higher_is_better": True}]}
+        (out / f"{task}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+        tasks.append(task)
+    return tasks
+
+
+def mc_samples(results: dict, tasks: list[str]) -> dict[tuple[str, int], tuple[str, list[float]]]:
+    """``{(subject, doc_id): (context string, per-choice log-likelihoods)}`` from ``simple_evaluate(...,
+    log_samples=True)`` results of ``write_mmlu_tasks`` tasks."""
+    out = {}
+    for task in tasks:
+        for sample in results["samples"][task]:
+            out[(task[len("mmlu_local_"):], int(sample["doc_id"]))] = (
+                sample["arguments"][0][0], [float(r[0]) for r in sample["filtered_resps"]])
+    return out
