@@ -342,7 +342,7 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
 
     from baichuan2.train import checkpoint as ckpt
     from baichuan2.train.mfu import peak_flops
-    from baichuan2.train.parallel import init_distributed, parallelize
+    from baichuan2.train.parallel import init_distributed, parallelize, trunk
     from baichuan2.utils.metrics import MetricsLogger
 
     if train.threads:
@@ -355,11 +355,11 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
         raise TrainingError("nothing to train: the objective has no steps")
     model = model.to(info.device)
     flops_per_token = objective.flops_per_token(model)
-    if train.activation_checkpointing and hasattr(model, "model"):
-        getattr(model, "model").gradient_checkpointing = True
+    if train.activation_checkpointing:
+        trunk(model).gradient_checkpointing = True
     model = parallelize(model, info, parallel)
     if train.compile:
-        for layer in _decoder_layers(model):
+        for layer in trunk(model).layers:
             layer.compile()
     objective.setup(model, info)
     stepper = OptimizerStep(model, optim, max_steps)
@@ -490,11 +490,3 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
 def objective_log(metrics: dict, tokens: int, tok_s: float, mfu: float, dt: float) -> dict:
     return {**metrics, "tokens": tokens, "tokens_per_s": tok_s, "mfu": mfu, "step_time": dt}
 
-
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder layers of a Baichuan model, a reward model (``.lm``) or a peft wrapper."""
-    for m in model.modules():
-        layers = getattr(getattr(m, "model", None), "layers", None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return list(layers)
-    return []
