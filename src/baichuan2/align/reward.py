@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from baichuan2.align.preference import Pair
-from baichuan2.align.sft import split_holdout
+from baichuan2.align.sft import plain_model, split_holdout
 from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
 from baichuan2.eval.scoring import length_batches, right_pad
 from baichuan2.tokenizer.chat import encode_chat
@@ -262,6 +262,7 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: 
                        checkpoint: CheckpointArgs | None = None, parallel: ParallelArgs | None = None,
                        resume: bool | str = False) -> dict:
     """Train ``rm`` in place with the pairwise loss on the engine; evaluate before/after; save to ``out_dir``."""
+    from baichuan2.model.model import Baichuan
     from baichuan2.train.engine import fit
     from baichuan2.train.parallel import init_distributed
 
@@ -278,14 +279,19 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: 
     objective = RewardObjective(train, rm.config.pad_token_id or 0, args)
     res = fit(rm, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
               progress=progress)
-    if res.stopped_early or info.distributed:  # (multi-process reward models are saved from their checkpoints)
-        return {"steps": res.steps, "stopped_early": res.stopped_early}
-    rm.eval()
+    if res.stopped_early:
+        return {"steps": res.steps, "stopped_early": True}
+    trained = res.model  # under torchrun still sharded: every rank scores and evaluates together
+    trained.eval()
     # Normalisation constants for PPO: the score distribution over the training answers.
     sample = train[: 512]
-    scores = score_rows(rm, [p.chosen for p in sample] + [p.rejected for p in sample])
-    rm.score_mean, rm.score_std = float(scores.mean()), float(scores.std()) if len(scores) > 1 else 1.0
-    after = evaluate_reward_model(rm, val) if val else None
+    scores = score_rows(trained, [p.chosen for p in sample] + [p.rejected for p in sample])
+    score_mean, score_std = float(scores.mean()), float(scores.std()) if len(scores) > 1 else 1.0
+    after = evaluate_reward_model(trained, val) if val else None
+    rm = plain_model(trained, info, empty=lambda config: RewardModel(Baichuan(config)))
+    if rm is None:  # another rank under torchrun: rank 0 saves
+        return {"steps": res.steps, "worker": True}
+    rm.score_mean, rm.score_std = score_mean, score_std
     rm.save(out, tokenizer=tok, extra={"max_length": args.max_length, "taxonomy": Path(args.taxonomy).name})
     result = {"train_pairs": len(train), "val_pairs": len(val), "steps": res.steps,
               "seconds": round(time.time() - start, 1), "val_before": before, "val_after": after,

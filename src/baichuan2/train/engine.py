@@ -171,13 +171,17 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[
 def rank_share(items: list, micro_batch_size: int, info: DistInfo) -> list[tuple[list, bool]]:
     """This data-parallel rank's items of a global batch, cut into micro-batches: ``[(items, real)]``.
 
-    A rank left without items (a short last batch) still runs one forward/backward (FSDP needs every rank)
-    on the first item with ``real=False``, which the objective weights by zero."""
+    Every rank runs the same number of micro-batches (FSDP all-gathers in every forward, so a rank with one
+    micro-batch fewer would leave the others waiting): a rank short of items (a short last batch) fills up
+    with the first item marked ``real=False``, which the objective weights by zero."""
     mine = items[info.dp_rank::info.dp_world]
-    if not mine:
-        return [(items[:1], False)]
-    size = micro_batch_size or len(mine)
-    return [(mine[k: k + size], True) for k in range(0, len(mine), size)]
+    per_rank = -(-len(items) // info.dp_world)
+    size = micro_batch_size or per_rank
+    out = []
+    for k in range(-(-per_rank // size)):
+        part = mine[k * size: (k + 1) * size]
+        out.append((part, True) if part else (items[:1], False))
+    return out
 
 
 class EpochObjective(Objective):
