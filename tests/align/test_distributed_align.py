@@ -47,6 +47,18 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
         assert torch.allclose(a[name], b[name], atol=atol), (name, float((a[name] - b[name]).abs().max()))
 
 
+def assert_frozen_base_with_rank_r_updates(merged: dict, base: dict, r: int) -> None:
+    """LoRA kept the base frozen: untargeted weights are unchanged, targeted ones moved by a rank-r update only
+    (a change to the base weight itself would be full-rank)."""
+    assert not any("lora" in k for k in merged)
+    for name, w in merged.items():
+        if any(t in name for t in LORA_TARGETS):
+            rank = int(torch.linalg.matrix_rank((w - base[name]).double(), atol=1e-7))
+            assert 0 < rank <= r, (name, rank)
+        else:
+            assert torch.equal(w, base[name]), name
+
+
 def test_sft_under_fsdp2_matches_one_process(checkpoint, data, tmp_path):  # noqa: F811
     one, two = run_both(tmp_path, ["sft", str(checkpoint), str(data / "sft.jsonl"), "--args.batch_size", "8",
                                    "--optim.lr", "3e-3", "--train.precision", "fp32", "--train.micro_batch_size", "3"])
@@ -83,23 +95,17 @@ def test_dpo_under_fsdp2_matches_one_process_and_rank0_saves(checkpoint, data, t
     assert verify_manifest(two) > 0
     ours, ref = load_pretrained(two).state_dict(), load_pretrained(one).state_dict()
     assert_same_weights(ours, ref)
-    if lora:  # the base stayed frozen: untargeted weights unchanged, targeted ones moved by a rank-r update only
-        base = load_pretrained(checkpoint).state_dict()
-        assert not any("lora" in k for k in ours)
-        for name, w in ours.items():
-            if any(t in name for t in LORA_TARGETS):
-                delta = (w - base[name]).double()
-                assert 0 < int(torch.linalg.matrix_rank(delta, atol=1e-7)) <= 4, name
-            else:
-                assert torch.equal(w, base[name]), name
+    if lora:
+        assert_frozen_base_with_rank_r_updates(ours, load_pretrained(checkpoint).state_dict(), 4)
 
-
-def test_reward_model_under_fsdp2_matches_one_process_and_rank0_saves(checkpoint, data, tmp_path):  # noqa: F811
+def test_lora_reward_model_under_fsdp2_matches_one_process_and_rank0_saves(checkpoint, data, tmp_path):  # noqa: F811
+    """LoRA on the trunk, the scalar head trained in full: rank 0 saves the merged reward model one process saves."""
     from baichuan2.align.reward import RewardModel
 
     one, two = run_both(tmp_path, ["rm", "train", str(checkpoint), str(data / "pairs.jsonl"), "--args.batch_size",
                                    "6", "--args.max_length", "128", "--args.val_fraction", "0.25", "--optim.lr",
-                                   "2e-3", "--train.precision", "fp32"])
+                                   "2e-3", "--train.precision", "fp32", "--args.lora.r", "4", "--args.lora.alpha",
+                                   "8", "--args.lora.dropout", "0"])
     expected = losses(one.parent / "out-logs")
     assert len(expected) == 3
     assert losses(two.parent / "out-logs") == pytest.approx(expected, abs=1e-5)
@@ -109,3 +115,4 @@ def test_reward_model_under_fsdp2_matches_one_process_and_rank0_saves(checkpoint
     assert (b.score_mean, b.score_std) == pytest.approx((a.score_mean, a.score_std), abs=1e-4)
     assert json.loads((two.parent / "out-logs" / "rm_result.json").read_text())["val_after"]["accuracy"] == \
         json.loads((one.parent / "out-logs" / "rm_result.json").read_text())["val_after"]["accuracy"]
+    assert_frozen_base_with_rank_r_updates(b.lm.state_dict(), load_pretrained(checkpoint).state_dict(), 4)

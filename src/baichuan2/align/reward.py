@@ -22,14 +22,14 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from baichuan2.align.preference import Pair
-from baichuan2.align.sft import plain_model, split_holdout
+from baichuan2.align.sft import LoraArgs, apply_lora, plain_model, split_holdout
 from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
 from baichuan2.eval.scoring import length_batches, right_pad
 from baichuan2.tokenizer.chat import encode_chat
@@ -168,6 +168,7 @@ class RMArgs:
         val_fraction: Share of pairs held out for evaluation (when no eval_data is given).
         seed: Split and shuffle seed.
         taxonomy: 3-level prompt taxonomy YAML (categories for unlabelled prompts and the report).
+        lora: LoRA on the trunk (r = 0: full fine-tuning); the new scalar head is always trained in full.
     """
 
     max_length: int = 512
@@ -178,6 +179,7 @@ class RMArgs:
     val_fraction: float = 0.1
     seed: int = 0
     taxonomy: str = str(DEFAULT_TAXONOMY)
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
@@ -277,7 +279,12 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: 
     before = evaluate_reward_model(rm, val) if val else None
     start = time.time()
     objective = RewardObjective(train, rm.config.pad_token_id or 0, args)
-    res = fit(rm, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
+    trainable = rm
+    if args.lora.r > 0:
+        torch.manual_seed(fit_args.seed)  # LoRA's initial A: the same on every rank (FSDP shards each rank's own)
+        trainable = apply_lora(rm, args.lora)
+        rm.head.requires_grad_(True)  # peft froze everything but the adapters; the head is new and trains in full
+    res = fit(trainable, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
               progress=progress)
     if res.stopped_early:
         return {"steps": res.steps, "stopped_early": True}

@@ -40,7 +40,7 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
         data: Preference files (JSON or JSONL, also .gz).
         out_dir: Output reward-model directory (OUT_DIR-logs/ holds metrics and the report).
         eval_data: Held-out preference files (default: args.val_fraction of data).
-        args: Data and loss settings.
+        args: Data and loss settings (--args.lora.r 8 for LoRA on the trunk).
         optim: AdamW and LR schedule (shared by every training verb).
         train: The training loop: micro-batch, precision, compile, bad-step policy (shared by every verb).
         checkpointing: Training-state checkpoints in OUT_DIR-logs/checkpoints (save_every, keep_last).
