@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from baichuan2.align.preference import Pair
-from baichuan2.align.sft import LoraArgs, apply_lora, plain_model, split_holdout
+from baichuan2.align.sft import LoraArgs, apply_lora, plain_model
 from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
 from baichuan2.eval.scoring import length_batches, right_pad
 from baichuan2.tokenizer.chat import encode_chat

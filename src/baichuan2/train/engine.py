@@ -363,7 +363,7 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
         trunk(model).gradient_checkpointing = True
     model = parallelize(model, info, parallel)
     if train.compile:
-        for layer in trunk(model).layers:
+        for layer in _decoder_layers(model):
             layer.compile()
     objective.setup(model, info)
     stepper = OptimizerStep(model, optim, max_steps)
@@ -494,3 +494,11 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
 def objective_log(metrics: dict, tokens: int, tok_s: float, mfu: float, dt: float) -> dict:
     return {**metrics, "tokens": tokens, "tokens_per_s": tok_s, "mfu": mfu, "step_time": dt}
 
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a Baichuan model, a reward model (``.lm``) or a peft wrapper."""
+    for m in model.modules():
+        layers = getattr(getattr(m, "model", None), "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    return []
