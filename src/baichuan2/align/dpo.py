@@ -142,20 +142,32 @@ def pair_batch(pairs: Sequence[DPOPair], pad: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def reference_logprobs(model, pairs: Sequence[DPOPair], pad: int, device, batch_size: int = 8,
-                       autocast=None) -> torch.Tensor:
-    """``[n, 2]`` (chosen, rejected) summed log-probabilities under ``model``."""
+                       autocast=None, info=None) -> torch.Tensor:
+    """``[n, 2]`` (chosen, rejected) summed log-probabilities under ``model``.
+
+    Under torchrun (``info.distributed``, ``model`` not yet parallelised) the batches are dealt out over the
+    ranks and the results summed across them: each batch is computed exactly as on one process."""
     import contextlib
 
+    rank, world = (info.rank, info.world) if info is not None and info.distributed else (0, 1)
     was = model.training
     model.eval()
-    out = torch.empty(len(pairs), 2, dtype=torch.float64)
-    for s in range(0, len(pairs), batch_size):
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for j, s in enumerate(range(0, len(pairs), batch_size)):
+        if j % world != rank:
+            continue
         b = pair_batch(pairs[s:s + batch_size], pad)
         with autocast or contextlib.nullcontext():
             lp = sequence_logprobs(model, *(b[k].to(device) for k in ("input_ids", "attention_mask", "targets")))
         n = lp.shape[0] // 2
         out[s:s + n, 0], out[s:s + n, 1] = lp[:n].double().cpu(), lp[n:].double().cpu()
     model.train(was)
+    if world > 1:
+        import torch.distributed as dist
+
+        total = out.to(info.device)
+        dist.all_reduce(total)
+        out = total.cpu()
     return out
 
 
@@ -168,21 +180,33 @@ def _fingerprint(model, pairs: Sequence[DPOPair]) -> str:
     return h.hexdigest()
 
 
-def cached_reference(path: Path, model, pairs: Sequence[DPOPair], pad: int, device, autocast=None) -> torch.Tensor:
-    """Reference log-probabilities of ``pairs``, read from ``path`` when it matches (data + model fingerprint)."""
+def cached_reference(path: Path, model, pairs: Sequence[DPOPair], pad: int, device, autocast=None,
+                     info=None) -> torch.Tensor:
+    """Reference log-probabilities of ``pairs``, read from ``path`` when it matches (data + model fingerprint);
+    under torchrun every rank computes its share and rank 0 writes the cache."""
     from safetensors.torch import load_file, save_file
 
+    from baichuan2.train.parallel import all_reduce_sum
+
     key = _fingerprint(model, pairs)
+    cached = None
     if path.exists():
         try:
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as fh:
                 if (fh.metadata() or {}).get("fingerprint") == key:
-                    return load_file(str(path))["logps"]
+                    cached = load_file(str(path))["logps"]
         except Exception:  # a damaged cache is recomputed, never trusted
-            pass
-    logps = reference_logprobs(model, pairs, pad, device, autocast=autocast)
+            cached = None
+    if info is not None and info.distributed:  # all ranks read it, or all compute (they share the work)
+        (hits,) = all_reduce_sum([float(cached is not None)], info)
+        cached = cached if hits == info.world else None
+    if cached is not None:
+        return cached
+    logps = reference_logprobs(model, pairs, pad, device, autocast=autocast, info=info)
+    if info is not None and not info.is_main:
+        return logps
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"logps": logps}, str(tmp), metadata={"fingerprint": key})
@@ -196,11 +220,20 @@ class DPOObjective(EpochObjective):
     name = "dpo"
 
     def __init__(self, train: Sequence[DPOPair], val: Sequence[DPOPair], pad: int, args: DPOArgs,
-                 ref_train: torch.Tensor | None, ref_val: torch.Tensor | None, reference_model=None):
+                 ref_train: torch.Tensor | None, ref_val: torch.Tensor | None, reference_model=None,
+                 parallel: ParallelArgs | None = None):
         # each example carries its index, so its cached reference log-probs travel with it
         super().__init__(list(enumerate(train)), args.batch_size, args.epochs, args.seed)
         self.val, self.pad, self.args, self.seq_len = list(val), pad, args, args.max_length
         self.ref_train, self.ref_val, self.reference = ref_train, ref_val, reference_model
+        self.parallel = parallel or ParallelArgs()
+
+    def setup(self, model, info) -> None:
+        super().setup(model, info)
+        if self.reference is not None:  # the frozen reference is sharded like the policy (not a full copy per rank)
+            from baichuan2.train.parallel import parallelize
+
+            self.reference = parallelize(self.reference.to(info.device), info, self.parallel)
 
     def make_micro(self, examples: list, real: bool) -> dict:
         b = pair_batch([p for _, p in examples], self.pad)
@@ -295,15 +328,16 @@ def dpo(model, tok, pairs, out_dir: str | Path, args: DPOArgs = DPOArgs(), progr
     autocast = autocast_for(resolve_precision(fit_args.precision, info.device), info.device)
     reference = None
     if args.reference == "precompute":
-        ref_all = cached_reference(logs / REF_CACHE, model, train + val, pad, info.device, autocast)
+        ref_all = cached_reference(logs / REF_CACHE, model, train + val, pad, info.device, autocast, info)
         ref_train, ref_val = ref_all[: len(train)], ref_all[len(train):]
     else:
         ref_train = ref_val = None
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     start = time.time()
+    torch.manual_seed(fit_args.seed)  # LoRA's initial A: the same on every rank (FSDP shards each rank's own)
     trainable = apply_lora(model, args.lora) if args.lora.r > 0 else model
     objective = DPOObjective(train, val, pad, dataclasses.replace(args, max_length=limit), ref_train, ref_val,
-                             reference)
+                             reference, parallel)
     objective.info = info
     before = objective.evaluate(trainable, autocast)
     res = fit(trainable, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
@@ -312,8 +346,8 @@ def dpo(model, tok, pairs, out_dir: str | Path, args: DPOArgs = DPOArgs(), progr
         return {"steps": res.steps, "stopped_early": True}
     after = res.evals or objective.evaluate(res.model, autocast)
     model = plain_model(res.model, info)
-    if model is None:
-        return {"steps": res.steps}
+    if model is None:  # another rank under torchrun: rank 0 saves
+        return {"steps": res.steps, "worker": True}
     save_pretrained(model.eval(), out, tokenizer=tok, overwrite=True, generation_config=chat_generation_config(tok, pad))
     result = {"train_pairs": len(train), "val_pairs": len(val), "steps": res.steps,
               "seconds": round(time.time() - start, 1), "val_before": before, "val_after": after,

@@ -56,6 +56,8 @@ def run(checkpoint: str, data: str | list[str], out_dir: str = "runs/dpo", eval_
                   parallel=parallel, resume=resume, val_pairs=val)
     except (TrainingError, InputError) as e:
         raise SystemExit(f"dpo: {e}") from None
+    if res.get("worker"):
+        return
     if "val_after" not in res:
         print(f"dpo: stopped after step {res['steps']}; resume with --resume true")
         return

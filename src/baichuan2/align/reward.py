@@ -22,14 +22,14 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from baichuan2.align.preference import Pair
-from baichuan2.align.sft import split_holdout
+from baichuan2.align.sft import LoraArgs, apply_lora, plain_model
 from baichuan2.align.taxonomy import DEFAULT_TAXONOMY, Taxonomy, category_levels
 from baichuan2.eval.scoring import length_batches, right_pad
 from baichuan2.tokenizer.chat import encode_chat
@@ -168,6 +168,7 @@ class RMArgs:
         val_fraction: Share of pairs held out for evaluation (when no eval_data is given).
         seed: Split and shuffle seed.
         taxonomy: 3-level prompt taxonomy YAML (categories for unlabelled prompts and the report).
+        lora: LoRA on the trunk (r = 0: full fine-tuning); the new scalar head is always trained in full.
     """
 
     max_length: int = 512
@@ -178,6 +179,7 @@ class RMArgs:
     val_fraction: float = 0.1
     seed: int = 0
     taxonomy: str = str(DEFAULT_TAXONOMY)
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
@@ -262,6 +264,7 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: 
                        checkpoint: CheckpointArgs | None = None, parallel: ParallelArgs | None = None,
                        resume: bool | str = False) -> dict:
     """Train ``rm`` in place with the pairwise loss on the engine; evaluate before/after; save to ``out_dir``."""
+    from baichuan2.model.model import Baichuan
     from baichuan2.train.engine import fit
     from baichuan2.train.parallel import init_distributed
 
@@ -276,16 +279,26 @@ def train_reward_model(rm: RewardModel, tok, train: Sequence[EncodedPair], val: 
     before = evaluate_reward_model(rm, val) if val else None
     start = time.time()
     objective = RewardObjective(train, rm.config.pad_token_id or 0, args)
-    res = fit(rm, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
+    trainable = rm
+    if args.lora.r > 0:
+        torch.manual_seed(fit_args.seed)  # LoRA's initial A: the same on every rank (FSDP shards each rank's own)
+        trainable = apply_lora(rm, args.lora)
+        rm.head.requires_grad_(True)  # peft froze everything but the adapters; the head is new and trains in full
+    res = fit(trainable, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
               progress=progress)
-    if res.stopped_early or info.distributed:  # (multi-process reward models are saved from their checkpoints)
-        return {"steps": res.steps, "stopped_early": res.stopped_early}
-    rm.eval()
+    if res.stopped_early:
+        return {"steps": res.steps, "stopped_early": True}
+    trained = res.model  # under torchrun still sharded: every rank scores and evaluates together
+    trained.eval()
     # Normalisation constants for PPO: the score distribution over the training answers.
     sample = train[: 512]
-    scores = score_rows(rm, [p.chosen for p in sample] + [p.rejected for p in sample])
-    rm.score_mean, rm.score_std = float(scores.mean()), float(scores.std()) if len(scores) > 1 else 1.0
-    after = evaluate_reward_model(rm, val) if val else None
+    scores = score_rows(trained, [p.chosen for p in sample] + [p.rejected for p in sample])
+    score_mean, score_std = float(scores.mean()), float(scores.std()) if len(scores) > 1 else 1.0
+    after = evaluate_reward_model(trained, val) if val else None
+    rm = plain_model(trained, info, empty=lambda config: RewardModel(Baichuan(config)))
+    if rm is None:  # another rank under torchrun: rank 0 saves
+        return {"steps": res.steps, "worker": True}
+    rm.score_mean, rm.score_std = score_mean, score_std
     rm.save(out, tokenizer=tok, extra={"max_length": args.max_length, "taxonomy": Path(args.taxonomy).name})
     result = {"train_pairs": len(train), "val_pairs": len(val), "steps": res.steps,
               "seconds": round(time.time() - start, 1), "val_before": before, "val_after": after,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from baichuan2.align.reward import RMArgs, rm_optim
 from baichuan2.train.engine import CheckpointArgs, FitArgs
 from baichuan2.train.optim import OptimArgs
+from baichuan2.train.parallel import ParallelArgs
 from baichuan2.utils.io import as_paths, atomic_write_json, atomic_write_text
 
 
@@ -21,8 +24,8 @@ def _pairs(tok, data: str | list[str], args: RMArgs, limit: int):
 
 def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval_data: str | list[str] | None = None,
           args: RMArgs = RMArgs(), optim: OptimArgs = rm_optim(), train: FitArgs = FitArgs(),
-          checkpointing: CheckpointArgs = CheckpointArgs(), resume: bool | str = False, limit: int = 0,
-          dtype: str = "float32", device: str = "auto") -> None:
+          checkpointing: CheckpointArgs = CheckpointArgs(), parallel: ParallelArgs = ParallelArgs(),
+          resume: bool | str = False, limit: int = 0, dtype: str = "float32", device: str = "auto") -> None:
     """Train a reward model (LM trunk + scalar head on the last token) with -log sigmoid(r_chosen - r_rejected).
 
     Data: preference pairs as hh-rlhf transcripts, ShareGPT/LLaMA-Factory DPO records, {"prompt" |
@@ -30,16 +33,18 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
     prompt taxonomy) and "gap" (annotated preference strength). Unlabelled prompts are categorised with
     the taxonomy's keywords. Held-out accuracy is reported overall, per category level, per gap and per
     margin bucket, before and after training; OUT_DIR is an HF checkpoint + value_head.safetensors.
+    Multi-GPU: `torchrun --nproc_per_node N -m baichuan2.cli rm train ...` (FSDP2; rank 0 writes OUT_DIR).
 
     Args:
         checkpoint: Base model (usually the SFT model), HF layout with tokenizer.
         data: Preference files (JSON or JSONL, also .gz).
         out_dir: Output reward-model directory (OUT_DIR-logs/ holds metrics and the report).
         eval_data: Held-out preference files (default: args.val_fraction of data).
-        args: Data and loss settings.
+        args: Data and loss settings (--args.lora.r 8 for LoRA on the trunk).
         optim: AdamW and LR schedule (shared by every training verb).
         train: The training loop: micro-batch, precision, compile, bad-step policy (shared by every verb).
         checkpointing: Training-state checkpoints in OUT_DIR-logs/checkpoints (save_every, keep_last).
+        parallel: Tensor-parallel degree under torchrun (FSDP2 takes the remaining ranks).
         resume: true for the latest checkpoint in OUT_DIR-logs, or a checkpoint directory.
         limit: Use only the first N pairs of data (0 = all).
         dtype: Training dtype of the weights.
@@ -52,7 +57,7 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
     from baichuan2.train.engine import TrainingError
 
     tok = Tokenizer.from_pretrained(checkpoint)
-    lm = load_pretrained(checkpoint, dtype=dtype, device=device)
+    lm = load_pretrained(checkpoint, dtype=dtype, device="cpu" if device == "auto" else device)  # fit places it
     train.device = device
     args.max_length = min(args.max_length, lm.config.max_position_embeddings)
     pairs = _pairs(tok, data, args, limit)
@@ -61,10 +66,13 @@ def train(checkpoint: str, data: str | list[str], out_dir: str = "runs/rm", eval
     else:
         train_pairs, val = split_holdout(pairs, args.val_fraction, args.seed)
     try:
+        torch.manual_seed(train.seed)  # the head's initial weights: the same on every rank under torchrun
         res = train_reward_model(RewardModel(lm), tok, train_pairs, val, out_dir, args, optim=optim, fit_args=train,
-                                 checkpoint=checkpointing, resume=resume)
+                                 checkpoint=checkpointing, parallel=parallel, resume=resume)
     except TrainingError as e:
         raise SystemExit(f"rm: {e}") from None
+    if res.get("worker"):
+        return
     if "val_after" not in res:
         print(f"rm: stopped after step {res['steps']}; resume with --resume true")
         return

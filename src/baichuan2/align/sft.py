@@ -193,9 +193,12 @@ def apply_lora(model, lora: LoraArgs):
                                             target_modules=list(lora.targets)))
 
 
-def plain_model(trained, info=None):
-    """The trained model as a plain single-process ``Baichuan`` on CPU or its device: LoRA adapters merged,
-    FSDP/TP shards gathered (every rank must call; other ranks get ``None`` under torchrun)."""
+def plain_model(trained, info=None, empty=None):
+    """The trained model as a plain single-process module: LoRA adapters merged, FSDP/TP shards gathered
+    (every rank must call; under torchrun rank 0 gets the whole model on CPU, the other ranks ``None``).
+
+    ``empty(config)`` builds the bare module the gathered weights go into (default ``Baichuan``; the reward
+    model passes its own)."""
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
     if info is None or not info.distributed:
@@ -207,7 +210,7 @@ def plain_model(trained, info=None):
     if not info.is_main:
         return None
     with torch.device("meta"):
-        cpu_model = Baichuan(trained.config)
+        cpu_model = (empty or Baichuan)(trained.config)
     cpu_model.load_state_dict(state, assign=True)
     return cpu_model
 
@@ -221,7 +224,7 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
     ``out_dir-logs/`` holds metrics.jsonl (+ TensorBoard), the training checkpoints and sft_result.json."""
     from baichuan2.model.checkpoint import save_pretrained
     from baichuan2.model.generate import chat_generation_config
-    from baichuan2.train.engine import fit
+    from baichuan2.train.engine import autocast_for, fit, resolve_precision
     from baichuan2.train.parallel import init_distributed
 
     optim = optim or sft_optim()
@@ -242,19 +245,26 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
     logs = out.parent / f"{out.name}-logs"
     if not resume and info.is_main:
         (logs / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run
-    before = assistant_loss(model.to(info.device), val, pad) if val else None
+    objective = SFTObjective(train, val, pad, dataclasses.replace(args, max_length=limit))
+    objective.info = info
+    # before and after training: the same evaluation, at the run's precision
+    before = objective.evaluate(model.to(info.device), autocast_for(resolve_precision(fit_args.precision,
+                                                                                      info.device), info.device))
+    before = before.get("val_loss")
+    torch.manual_seed(fit_args.seed)  # LoRA's initial A: the same on every rank (FSDP shards each rank's own)
     trainable = apply_lora(model, args.lora) if args.lora.r > 0 else model
     start = time.time()
-    objective = SFTObjective(train, val, pad, dataclasses.replace(args, max_length=limit))
     res = fit(trainable, objective, logs, optim, fit_args, checkpoint or CheckpointArgs(), parallel, resume, info,
               progress=progress)
     if res.stopped_early:
         return {"steps": res.steps, "stopped_early": True}
+    # the engine's final evaluation is the held-out loss after training (on the still-parallel model: no
+    # single-process pass over the validation set on rank 0)
+    after = res.evals.get("val_loss") if val else None
     model = plain_model(res.model, info)
-    if model is None:
-        return {"steps": res.steps}
+    if model is None:  # another rank under torchrun: rank 0 saves
+        return {"steps": res.steps, "worker": True}
     model.eval()
-    after = assistant_loss(model, val, pad) if val else None
     save_pretrained(model, out, tokenizer=tok, overwrite=True, generation_config=chat_generation_config(tok, pad))
     metrics = {"train_conversations": len(rows) - len(val), "train_rows": len(train), "val_conversations": len(val),
                "steps": res.steps, "val_loss_before": before, "val_loss_after": after,

@@ -171,13 +171,17 @@ def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[
 def rank_share(items: list, micro_batch_size: int, info: DistInfo) -> list[tuple[list, bool]]:
     """This data-parallel rank's items of a global batch, cut into micro-batches: ``[(items, real)]``.
 
-    A rank left without items (a short last batch) still runs one forward/backward (FSDP needs every rank)
-    on the first item with ``real=False``, which the objective weights by zero."""
+    Every rank runs the same number of micro-batches (FSDP all-gathers in every forward, so a rank with one
+    micro-batch fewer would leave the others waiting): a rank short of items (a short last batch) fills up
+    with the first item marked ``real=False``, which the objective weights by zero."""
     mine = items[info.dp_rank::info.dp_world]
-    if not mine:
-        return [(items[:1], False)]
-    size = micro_batch_size or len(mine)
-    return [(mine[k: k + size], True) for k in range(0, len(mine), size)]
+    per_rank = -(-len(items) // info.dp_world)
+    size = micro_batch_size or per_rank
+    out = []
+    for k in range(-(-per_rank // size)):
+        part = mine[k * size: (k + 1) * size]
+        out.append((part, True) if part else (items[:1], False))
+    return out
 
 
 class EpochObjective(Objective):
@@ -342,7 +346,7 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
 
     from baichuan2.train import checkpoint as ckpt
     from baichuan2.train.mfu import peak_flops
-    from baichuan2.train.parallel import init_distributed, parallelize
+    from baichuan2.train.parallel import init_distributed, parallelize, trunk
     from baichuan2.utils.metrics import MetricsLogger
 
     if train.threads:
@@ -355,8 +359,8 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
         raise TrainingError("nothing to train: the objective has no steps")
     model = model.to(info.device)
     flops_per_token = objective.flops_per_token(model)
-    if train.activation_checkpointing and hasattr(model, "model"):
-        getattr(model, "model").gradient_checkpointing = True
+    if train.activation_checkpointing:
+        trunk(model).gradient_checkpointing = True
     model = parallelize(model, info, parallel)
     if train.compile:
         for layer in _decoder_layers(model):

@@ -72,13 +72,23 @@ def init_distributed(tp: int = 1, device: str = "auto") -> DistInfo:
                     dp_rank=mesh["dp"].get_local_rank(), dp_world=world // tp)
 
 
+def trunk(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder trunk (``BaichuanModel``: embeddings, ``layers``, norm) inside a causal LM, a reward model
+    (``.lm``) or a peft wrapper."""
+    for m in model.modules():
+        if isinstance(getattr(m, "layers", None), torch.nn.ModuleList) and hasattr(m, "embed_tokens"):
+            return m
+    raise ValueError(f"{type(model).__name__} has no decoder trunk (a module with embed_tokens and layers)")
+
+
 def apply_tensor_parallel(model: torch.nn.Module, tp_mesh) -> None:
     """Split attention heads and the MLP hidden dimension across the ``tp`` ranks."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    cfg = model.config
+    body = trunk(model)
+    cfg = body.config
     tp = tp_mesh.size()
     if cfg.num_attention_heads % tp or cfg.intermediate_size % tp:
         raise ValueError(f"tp={tp} must divide the heads ({cfg.num_attention_heads}) and FFN width "
@@ -108,25 +118,30 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh) -> None:
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(),
     }
-    for layer in model.model.layers:
+    for layer in body.layers:
         parallelize_module(layer, tp_mesh, plan)
     heads = cfg.num_attention_heads // tp
     r = tp_mesh.get_local_rank()
-    model.model.head_slice = slice(r * heads, (r + 1) * heads)  # this rank's ALiBi slopes
+    body.head_slice = slice(r * heads, (r + 1) * heads)  # this rank's ALiBi slopes
 
 
 def apply_fsdp(model: torch.nn.Module, dp_mesh, reshard_after_forward: bool = True,
                param_dtype: torch.dtype | None = None) -> None:
-    """ZeRO-3 over ``dp``: every decoder layer is its own FSDP unit, the rest (embeddings, head) the root."""
+    """ZeRO-3 over ``dp``: every decoder layer is its own FSDP unit, the rest (embeddings, heads) the root.
+
+    Works on a causal LM, a reward model and a peft (LoRA) wrapper alike: frozen parameters are sharded like
+    the others and simply get no gradient.  The root is not resharded after its forward (the backward would
+    all-gather it again at once), which also lets objectives use the output head *after* the forward: DPO and
+    PPO compute chunked log-probabilities from the final hidden states and ``lm_head``'s weight."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp
-    for layer in model.model.layers:
+    for layer in trunk(model).layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
 
 
 def parallelize(model: torch.nn.Module, info: DistInfo, args: ParallelArgs,
