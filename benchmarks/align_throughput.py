@@ -134,7 +134,7 @@ def _hf_labels(ids: list[int], tgt: list[int]) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 
 def _ours(kind: str, workdir: Path, data: dict, cfg: dict) -> dict:
-    from baichuan2.align.dpo import REF_CACHE, DPOArgs, DPOObjective, DPOPair, cached_reference
+    from baichuan2.align.dpo import DPOArgs, DPOObjective, DPOPair, reference_logprobs
     from baichuan2.align.sft import SFTArgs, SFTObjective
     from baichuan2.model.checkpoint import load_pretrained
     from baichuan2.train.engine import CheckpointArgs, FitArgs, autocast_for, fit
@@ -150,8 +150,9 @@ def _ours(kind: str, workdir: Path, data: dict, cfg: dict) -> dict:
         obj = SFTObjective(data["sft"], [], 0, SFTArgs(max_length=cfg["seq"], batch_size=cfg["batch"]))
     else:
         pairs = [DPOPair(c, r) for c, r in data["pairs"]]
-        ref = cached_reference(run / REF_CACHE, model, pairs, 0, torch.device("cpu"),
-                               autocast_for(cfg["precision"], torch.device("cpu")))
+        # in the training batches, as TRL does (so under bf16 step 1's loss is exactly log 2 on both sides)
+        ref = reference_logprobs(model, pairs, 0, torch.device("cpu"), cfg["batch"],
+                                 autocast_for(cfg["precision"], torch.device("cpu")))
         obj = DPOObjective(pairs, [], 0, DPOArgs(max_length=cfg["seq"], batch_size=cfg["batch"]), ref, None)
     b = cfg["batch"]
     obj.batches = [list(range(k, min(k + b, len(obj.items)))) for k in range(0, len(obj.items), b)]  # data order
@@ -303,15 +304,15 @@ def main() -> None:
     ap.add_argument("--preset", default="ladder-20m", help="model shape (a ModelConfig preset)")
     ap.add_argument("--full-vocab", action="store_true", help="keep the tokenizer's 125,696 ids (else compacted)")
     ap.add_argument("--seq", type=int, default=256, help="longest row (tokens)")
-    ap.add_argument("--steps", type=int, default=0, help="SFT steps (default 8 quick, 20 full)")
+    ap.add_argument("--steps", type=int, default=0, help="SFT steps (default 6 quick, 20 full)")
     ap.add_argument("--batch", type=int, default=8, help="SFT conversations per step")
-    ap.add_argument("--dpo-steps", type=int, default=0, help="DPO steps (default 6 quick, 12 full)")
+    ap.add_argument("--dpo-steps", type=int, default=0, help="DPO steps (default 4 quick, 12 full)")
     ap.add_argument("--dpo-batch", type=int, default=4, help="DPO pairs per step")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--skip-memory", action="store_true")
     a = ap.parse_args()
-    a.steps = a.steps or (8 if a.quick else 20)
-    a.dpo_steps = a.dpo_steps or (6 if a.quick else 12)
+    a.steps = a.steps or (6 if a.quick else 20)
+    a.dpo_steps = a.dpo_steps or (4 if a.quick else 12)
     from baichuan2.model import ModelConfig
     from baichuan2.train.mfu import peak_flops
 
@@ -331,7 +332,7 @@ def main() -> None:
         # (ours: precision, compile) vs (TRL: precision, compile)
         setups = [("bf16", True, "bf16", False)]
         if not a.quick:
-            setups += [("bf16", True, "bf16", True), ("fp32", False, "fp32", False)]
+            setups += [("bf16", True, "bf16", True), ("bf16", False, "bf16", False), ("fp32", False, "fp32", False)]
         rows = []
         for kind, steps, batch, tokens in (("sft", a.steps, a.batch, n_sft_tokens),
                                            ("dpo", a.dpo_steps, a.dpo_batch, n_dpo_tokens)):
