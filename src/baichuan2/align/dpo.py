@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from baichuan2.align.logprobs import causal_lm, sequence_logprobs, token_logprobs  # noqa: F401
-from baichuan2.align.sft import LoraArgs, apply_lora, plain_model, split_holdout
+from baichuan2.align.sft import LoraArgs, _finite, apply_lora, plain_model, split_holdout
 from baichuan2.train.engine import CheckpointArgs, EpochObjective, FitArgs
 from baichuan2.train.optim import OptimArgs
 from baichuan2.train.parallel import ParallelArgs
@@ -350,7 +350,8 @@ def dpo(model, tok, pairs, out_dir: str | Path, args: DPOArgs = DPOArgs(), progr
         return {"steps": res.steps, "worker": True}
     save_pretrained(model.eval(), out, tokenizer=tok, overwrite=True, generation_config=chat_generation_config(tok, pad))
     result = {"train_pairs": len(train), "val_pairs": len(val), "steps": res.steps,
-              "seconds": round(time.time() - start, 1), "val_before": before, "val_after": after,
+              "seconds": round(time.time() - start, 1), "tokens_per_s": _finite(res.tokens_per_s, 1),
+              "mfu": _finite(res.mfu, 4), "val_before": before, "val_after": after,
               "settings": asdict(args), "optim": asdict(optim)}
     atomic_write_json(logs / "dpo_result.json", result)
     return result

@@ -95,9 +95,18 @@ def causal_lm(model):
 
 def hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states ``[b, t, H]`` and the (normalised) output head ``[V, H]``."""
+    """Final hidden states ``[b, t, H]`` and the (normalised) output head ``[V, H]``.
+
+    Under FSDP2 the head is read *after* the forward, so the root module (embeddings, norm, head) must stay
+    unsharded until the backward (torch's own default for the root): otherwise the head is a sharded DTensor
+    here, and its gradient would miss FSDP's reduce-scatter."""
+    from torch.distributed.fsdp import FSDPModule
+
+    lm = causal_lm(model)
+    if isinstance(lm, FSDPModule):
+        lm.set_reshard_after_forward(False, recurse=False)
     out = model(input_ids, attention_mask=attention_mask, return_logits=False, return_hidden=True)
-    return out.hidden_states, causal_lm(model).lm_head.normalized_weight()
+    return out.hidden_states, lm.lm_head.normalized_weight()
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

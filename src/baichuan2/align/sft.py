@@ -13,6 +13,7 @@ HF-layout directory with the tokenizer, written atomically.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -215,6 +216,11 @@ def plain_model(trained, info=None, empty=None):
     return cpu_model
 
 
+def _finite(value: float, digits: int) -> float | None:
+    """A figure for a result JSON: rounded, or null when unknown (NaN, e.g. an unlisted GPU's peak)."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
 def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, args: SFTArgs = SFTArgs(),
         progress: bool = True, optim: OptimArgs | None = None, fit_args: FitArgs | None = None,
         checkpoint: CheckpointArgs | None = None, parallel: ParallelArgs | None = None,
@@ -268,7 +274,8 @@ def sft(model, tok, conversations: Sequence[list[dict]], out_dir: str | Path, ar
     save_pretrained(model, out, tokenizer=tok, overwrite=True, generation_config=chat_generation_config(tok, pad))
     metrics = {"train_conversations": len(rows) - len(val), "train_rows": len(train), "val_conversations": len(val),
                "steps": res.steps, "val_loss_before": before, "val_loss_after": after,
-               "seconds": round(time.time() - start, 1), "lora_r": args.lora.r, "settings": asdict(args),
+               "seconds": round(time.time() - start, 1), "tokens_per_s": _finite(res.tokens_per_s, 1),
+               "mfu": _finite(res.mfu, 4), "lora_r": args.lora.r, "settings": asdict(args),
                "optim": asdict(optim)}
     atomic_write_json(logs / "sft_result.json", metrics)
     return metrics
