@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         subcommands = module.COMMANDS if isinstance(module.COMMANDS, dict) else ()
-        auto_cli(module.COMMANDS, args=configs_first(rest, subcommands), prog=f"baichuan2 {verb}", as_positional=True)
+        auto_cli(module.COMMANDS, args=configs_first(rest, subcommands), prog=f"baichuan2 {verb}", as_positional=True,
+                 allow_abbrev=False)  # a shortened or stale flag (--ladder.lr) must not silently set another field
     except InputError as e:  # bad data, config or checkpoint: one clear line, no traceback
         raise SystemExit(f"baichuan2 {verb}: error: {e}") from None
 

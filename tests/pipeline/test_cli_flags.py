@@ -37,3 +37,12 @@ def test_configs_move_after_the_sub_verb_only():
     assert configs_first(args, {"train": None}) == ["train", "--config", "a.yaml", "--config=b.yaml", "in.jsonl",
                                                     "out", "--vocab_size", "512"]
     assert configs_first(["--x", "1"], ()) == ["--x", "1"]
+
+
+def test_a_shortened_flag_is_refused_not_guessed(monkeypatch, capsys):
+    # argparse would take `--ladder.lr` for the only field it prefixes (lr_width_exponent): a renamed
+    # field must be refused, not silently set something else.
+    monkeypatch.setattr(pipeline_run, "run_all", lambda recipe, until="": pytest.fail("ran"))
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--recipe.ladder.lr", "0.1"])
+    assert "unrecognized arguments: --recipe.ladder.lr" in capsys.readouterr().err
