@@ -403,6 +403,7 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
         run_dir.mkdir(parents=True, exist_ok=True)
         logger.truncate_after(start_step)  # lines a killed run wrote after its last checkpoint
     peak, _ = peak_flops(info.device, precision)
+    peak_refreshed = False
     autocast = autocast_for(precision, info.device)
     if info.is_main and banner:
         print(f"{banner}, {max_steps} steps, {precision}, world {info.world} (dp {info.dp_world}, "
@@ -484,6 +485,10 @@ def fit(model: torch.nn.Module, objective: Objective, run_dir: str | Path, optim
         session_tokens, session_time = session_tokens + step_tokens, session_time + dt
         tok_s = step_tokens / dt
         mfu = flops_per_token * tok_s / (peak * info.world) if peak == peak else float("nan")
+        if mfu > 1.0 and info.device.type == "cpu" and not peak_refreshed:  # cached peak measured under load
+            peak_refreshed = True
+            peak = max(peak, peak_flops(info.device, precision, refresh=True)[0])
+            mfu = flops_per_token * tok_s / (peak * info.world)
         metrics = {**metrics, "lr": lr, "grad_norm": grad_norm}
         if step % train.log_every == 0 or step == stop_at:
             logger.log(step, **objective_log(metrics, tokens_seen, tok_s, mfu, dt))
