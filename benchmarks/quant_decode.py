@@ -263,6 +263,7 @@ def main() -> None:
         args.ppl_chars = min(args.ppl_chars, 20000)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="quant_decode_"))
+    args.work = str(work)  # the quality section converts SmolLM2 into the same work dir
     ckpt = work / f"{args.preset}-v{args.vocab}"
     if not ckpt.exists():
         print(f"building {args.preset} (vocab {args.vocab}) in {ckpt} ...", flush=True)
