@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from baichuan2.model import Baichuan, ModelConfig
-from baichuan2.model.generate import (SamplingConfig, apply_repetition_penalty, generate, sample_next,
-                                      stream_tokens)
+from baichuan2.model.generate import (SamplingConfig, apply_repetition_penalty, common_prefix_len, generate,
+                                      sample_next, stream_tokens)
 
 transformers = pytest.importorskip("transformers")
 
@@ -279,3 +279,32 @@ def test_bf16_model_decodes_on_an_fp32_slot_cache_on_cpu():
     assert [len(r.tokens) for r in reqs] == [5, 5]
     # the first token comes from the prefill (bf16 cache, bf16 attention) and agrees with a plain forward
     assert reqs[0].tokens[0] == int(model(torch.tensor([[5, 6, 7]])).logits[0, -1].float().argmax())
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@torch.no_grad()
+def test_a_prefix_all_prompts_share_is_computed_once_and_outputs_are_unchanged(pos, monkeypatch):
+    """Few-shot prompts: `stream_tokens` computes the shared shots once (prefix cache); each prompt then
+    computes only its own tail, and greedy output equals each prompt decoded alone."""
+    import baichuan2.model.generate as gen
+
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name(f"tiny-{pos}", max_position_embeddings=256)).eval()
+    g = torch.Generator().manual_seed(3)
+    shots = torch.randint(3, 500, (100,), generator=g).tolist()
+    prompts = [shots + torch.randint(3, 500, (n,), generator=g).tolist() for n in (7, 1, 30)] + [shots[:90]]
+    ref = [_reference_greedy(model, p, 5) for p in prompts]
+    caches = []
+    real = gen.Batcher.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        caches.append(self.prefix_cache)
+
+    monkeypatch.setattr(gen.Batcher, "__init__", spy)
+    cfg = SamplingConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[])
+    steps = torch.stack(list(stream_tokens(model, prompts, cfg)))
+    assert [steps[:, i].tolist() for i in range(len(prompts))] == ref
+    (cache,) = caches
+    assert cache is not None and cache.hits == len(prompts)  # 89 shared tokens -> 80 (5 blocks) reused by all
+    assert common_prefix_len(prompts) == 90

@@ -288,6 +288,20 @@ class PrefixCache:
                     del self.index[h]
 
 
+PACK_MAX_TOKENS = 1024  # longest packed multi-prompt prefill row (see `Batcher._prefill_fresh`)
+SHARED_PREFIX_MIN = 64  # a prefix all prompts of a `stream_tokens` call share is computed once from this length
+
+
+def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
 class Batcher:
     """Continuous batching over one model; not thread-safe (one thread calls ``add`` and ``step``).
 
@@ -456,7 +470,10 @@ class Batcher:
         caches; returns each one's hidden states ``[1, len, hidden]``."""
         group, total = [], 0
         for req in self.prefilling:
-            if req.computed or total + len(req.prompt) > budget:
+            # The packed row's attention is one dense [total, total] block, so packing pays only for short
+            # prompts (weights read once instead of per prompt); long ones (few-shot evaluation prompts)
+            # would cost (total / prompt)x the attention they need: they go one at a time.
+            if req.computed or total + len(req.prompt) > min(budget, PACK_MAX_TOKENS):
                 break
             group.append(req)
             total += len(req.prompt)
@@ -539,7 +556,16 @@ def stream_tokens(model: Baichuan, prompts: Sequence[Sequence[int]], cfg: Sampli
         if cfg.seed is not None:
             req.generator = torch.Generator().manual_seed(cfg.seed + i)
     max_len = max(len(p) for p in prompts) + cfg.max_new_tokens
-    batcher = Batcher(model, max_seqs=len(reqs), max_len=max_len, prefill_chunk=sum(len(p) for p in prompts))
+    # Few-shot prompts share their shots: compute that prefix once and let every prompt start from it
+    # (the prefix cache), instead of recomputing it per prompt (~85 % of a 4-shot GSM8K prompt).
+    shared = common_prefix_len(prompts) - 1 if len(prompts) > 1 else 0  # each prompt keeps >= 1 own token
+    batcher = Batcher(model, max_seqs=len(reqs), max_len=max_len, prefill_chunk=sum(len(p) for p in prompts),
+                      prefix_cache_tokens=shared if shared >= SHARED_PREFIX_MIN else 0)
+    if batcher.prefix_cache is not None:
+        n = shared // batcher.prefix_cache.block * batcher.prefix_cache.block
+        kv = KVCache.for_model(model, 1, n)
+        model.model(torch.tensor([list(prompts[0][:n])], device=model.device), cache=kv)
+        batcher.prefix_cache.insert(list(prompts[0][:n]), kv)
     for req in reqs:
         batcher.add(req)
     shown = [0] * len(reqs)
