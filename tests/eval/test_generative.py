@@ -69,6 +69,27 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny):
         assert f.startswith(b) and stop(b) is None
 
 
+def test_a_row_that_meets_its_stop_leaves_the_batch_and_the_next_prompt_takes_its_place(tiny, monkeypatch):
+    from baichuan2.model import generate as gen
+
+    model, tok = tiny
+    prompts = [tok.encode(t) for t in ("Hi", "What is two plus two?", "Tell me a story", "Question: why?\nAnswer:",
+                                       "Name a colour", "Say yes")]
+    free = generate_until(model, tok, prompts, 16, None, batch_size=2)
+    # stop strings: the first character of the other completions that prompt 0's completion never writes
+    marks = {t[0] for t in free[1:] if t} - set(free[0])
+    stopped = [i for i, t in enumerate(free) if i and t and t[0] in marks]
+    assert len(stopped) >= 3  # enough rows that stop after their first token to tell the schedules apart
+    decoded = []
+    real_decode = gen.Batcher._decode
+    monkeypatch.setattr(gen.Batcher, "_decode", lambda self: decoded.append(len(self.running)) or real_decode(self))
+    out = generate_until(model, tok, prompts, 16, stop_at(sorted(marks)), batch_size=2)
+    assert out[0] == free[0] and all(out[i] == "" for i in stopped)
+    # a stopped row leaves after a step or two and the next prompt takes its row; static batches would
+    # decode it until the longest row of its batch ends (16 steps beside prompt 0)
+    assert sum(decoded) <= 16 * (len(prompts) - len(stopped)) + 2 * len(stopped)
+
+
 @pytest.mark.skipif(GSM8K is None, reason="shared data not present")
 def test_gsm8k_end_to_end_resumes(tiny, tmp_path):
     model, tok = tiny
