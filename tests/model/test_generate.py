@@ -106,6 +106,16 @@ def _reference_greedy(model, prompt, n, stops=()):
     return out
 
 
+def _tiny_and_prompts(name, context, seed, lengths, prefix=0):
+    """A tiny model (torch seed 0) and random prompts of ``lengths`` tokens, each after one shared random
+    ``prefix`` (also returned): the set-up of the batching tests."""
+    torch.manual_seed(0)
+    model = Baichuan(ModelConfig.from_name(name, max_position_embeddings=context)).eval()
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 500, (prefix,), generator=g).tolist() if prefix else []
+    return model, shared, [shared + torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+
+
 def _run(batcher, reqs, late=()):
     """Step until done; ``late`` requests join after the first two steps (mid-flight admission)."""
     for r in reqs:
@@ -126,10 +136,7 @@ def _run(batcher, reqs, late=()):
 def test_mixed_batch_greedy_equals_unbatched_and_seeded_rows_are_independent(pos):
     from baichuan2.model.generate import Batcher, Request
 
-    torch.manual_seed(0)
-    model = Baichuan(ModelConfig.from_name(f"tiny-{pos}", max_position_embeddings=64)).eval()
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 1, 12)]
+    model, _, prompts = _tiny_and_prompts(f"tiny-{pos}", 64, 1, (3, 17, 9, 30, 1, 12))
     greedy = [SamplingConfig(max_new_tokens=n, do_sample=False, stop_token_ids=[]) for n in (12, 5, 12, 9, 12, 7)]
     ref = [_reference_greedy(model, p, c.max_new_tokens) for p, c in zip(prompts, greedy)]
     stop = ref[2][4]  # row 2 stops on its 5th token; the others must not notice
@@ -158,11 +165,7 @@ def test_mixed_batch_greedy_equals_unbatched_and_seeded_rows_are_independent(pos
 def test_prefix_cache_hits_and_leaves_outputs_unchanged():
     from baichuan2.model.generate import Batcher, Request
 
-    torch.manual_seed(0)
-    model = Baichuan(ModelConfig.from_name("tiny-alibi", max_position_embeddings=96)).eval()
-    g = torch.Generator().manual_seed(2)
-    system = torch.randint(3, 500, (40,), generator=g).tolist()  # a shared "system prompt"
-    prompts = [system + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 11, 3)]
+    model, _, prompts = _tiny_and_prompts("tiny-alibi", 96, 2, (5, 11, 3), prefix=40)  # a shared "system prompt"
     cfg = SamplingConfig(max_new_tokens=8, do_sample=False, stop_token_ids=[])
     plain = Batcher(model, max_seqs=2)
     cached = Batcher(model, max_seqs=2, prefix_cache_tokens=1000)
@@ -249,10 +252,7 @@ def test_prepacked_inference_weights_match_and_follow_weight_changes(dtype):
 def test_prompts_prefilled_together_in_one_packed_pass_decode_as_alone(pos):
     from baichuan2.model.generate import Batcher, Request
 
-    torch.manual_seed(0)
-    model = Baichuan(ModelConfig.from_name(f"tiny-{pos}", max_position_embeddings=64)).eval()
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 1, 11, 8, 20)]
+    model, _, prompts = _tiny_and_prompts(f"tiny-{pos}", 64, 2, (5, 1, 11, 8, 20))
     cfg = SamplingConfig(max_new_tokens=6, do_sample=False, stop_token_ids=[])
     ref = [_reference_greedy(model, p, 6) for p in prompts]
     batcher = Batcher(model, max_seqs=8, prefill_chunk=26)  # the first four fit one packed pass, the 5th waits
@@ -288,11 +288,8 @@ def test_a_prefix_all_prompts_share_is_computed_once_and_outputs_are_unchanged(p
     computes only its own tail, and greedy output equals each prompt decoded alone."""
     import baichuan2.model.generate as gen
 
-    torch.manual_seed(0)
-    model = Baichuan(ModelConfig.from_name(f"tiny-{pos}", max_position_embeddings=256)).eval()
-    g = torch.Generator().manual_seed(3)
-    shots = torch.randint(3, 500, (100,), generator=g).tolist()
-    prompts = [shots + torch.randint(3, 500, (n,), generator=g).tolist() for n in (7, 1, 30)] + [shots[:90]]
+    model, shots, prompts = _tiny_and_prompts(f"tiny-{pos}", 256, 3, (7, 1, 30), prefix=100)
+    prompts.append(shots[:90])
     ref = [_reference_greedy(model, p, 5) for p in prompts]
     caches = []
     real = gen.Batcher.__init__

@@ -9,7 +9,7 @@ output cast back):
 
 * int8: ``torch._weight_int8pack_mm(x, q[out, in] int8, scale[out])``, symmetric
   per output channel, ``w = q * scale``; decoding steps of <= 16 rows use our own AVX-512 kernel
-  (``cpu_kernels.int8_gemv``: fp32 activations, ~1.25x faster decode) when it builds.
+  (``cpu_kernels.int8_gemv``: fp32 activations, ~1.4x faster decode) when it builds.
 * int4: ``torch._weight_int4pack_mm_for_cpu`` over a kernel-specific packing
   made at load time by ``torch._convert_weight_to_int4pack_for_cpu``; asymmetric
   groups of ``group_size`` inputs, ``w = q * scale + min`` with q in 0..15.
