@@ -115,9 +115,21 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         if penalty == 1.0:
             return logits
         penalty = torch.tensor([penalty], dtype=logits.dtype, device=logits.device)
-    p = penalty.to(logits.dtype)[:, None]
-    penalised = torch.where(logits > 0, logits / p, logits * p)
-    return torch.where(seen, penalised, logits)
+    # Only the seen entries change (a few hundred per row of a 125k vocabulary): gather, penalise and
+    # scatter them instead of two dense passes over [batch, vocab] (~15% of a 16-row decoding step).
+    rows, cols = seen.nonzero(as_tuple=True)
+    p = penalty.to(logits.dtype).reshape(-1)
+    p = p[rows] if p.numel() > 1 else p.expand(rows.shape)
+    values = logits[rows, cols]
+    out = logits.clone()
+    out[rows, cols] = torch.where(values > 0, values / p, values * p)
+    return out
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``argmax`` over the last dimension (first maximum on ties, as argmax): ``max(dim).indices`` is the
+    same answer from PyTorch's faster CPU reduction (2.6 vs 4.4 ms on [16, 125696] here)."""
+    return logits.max(dim=-1).indices
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -129,7 +141,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     Top-k and top-p work on the ``max(k)`` best tokens only (a full sort only for rows without top-k):
     a token is dropped when the probability mass before it already reaches top_p (the first always stays).
     """
-    out = logits.argmax(dim=-1)
+    out = greedy_tokens(logits)
     sampled = temperature > 0
     if not bool(sampled.any()):
         return out
@@ -509,7 +521,7 @@ class Batcher:
         greedy = [r.cfg.greedy for r in reqs]
         penalties = [r.cfg.repetition_penalty for r in reqs]
         if all(greedy) and all(p == 1.0 for p in penalties):  # the common case: no per-row tensors, no fp32 copy
-            tokens = logits.argmax(dim=-1)
+            tokens = greedy_tokens(logits)
         else:
             logits = logits.float()
             if any(p != 1.0 for p in penalties):
