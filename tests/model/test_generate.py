@@ -22,6 +22,13 @@ def test_repetition_penalty_matches_hf():
     ours = apply_repetition_penalty(logits.clone(), seen, 1.3)
     theirs = transformers.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     assert torch.allclose(ours, theirs)
+    # one penalty per row (the batcher's case); the input is left as it was
+    before = logits.clone()
+    ours = apply_repetition_penalty(logits, seen, torch.tensor([1.3, 1.0, 0.7]))
+    assert torch.equal(logits, before)
+    for row, p in enumerate((1.3, 1.0, 0.7)):
+        theirs = transformers.RepetitionPenaltyLogitsProcessor(p)(ids[row:row + 1], logits[row:row + 1].clone())
+        assert torch.allclose(ours[row:row + 1], theirs)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.85), (5, 0.85), (1, 0.5), (0, 0.01)])
@@ -159,6 +166,40 @@ def test_mixed_batch_greedy_equals_unbatched_and_seeded_rows_are_independent(pos
     assert reqs[2].finish_reason == "stop" and reqs[0].finish_reason == "length"
     assert [r.tokens for r in extra] == solo
     assert batcher.reserved == 0 and batcher.kv_tokens_used == 0 and not batcher.running
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@torch.no_grad()
+def test_repeated_kv_heads_are_cached_once_and_decoding_is_unchanged(pos):
+    """Weights whose key/value heads repeat in groups (as GQA conversions write them) get a slot cache with
+    one head per group; mixed-length batched greedy decoding still equals recomputation from scratch."""
+    from baichuan2.model.generate import Batcher, Request
+    from baichuan2.model.model import grouped_attention, kv_head_groups
+
+    model, _, prompts = _tiny_and_prompts(f"tiny-{pos}", 64, 3, (3, 17, 9, 30))
+    cfg = model.config
+    assert kv_head_groups(model) == 1  # random weights: nothing repeats
+    h, d, groups = cfg.hidden_size, cfg.head_dim, 2
+    for layer in model.model.layers:  # make heads 2j and 2j+1 share their key and value projections
+        kv = layer.self_attn.W_pack.weight.data[h:].view(2, cfg.num_attention_heads // groups, groups, d, h)
+        kv[:, :, 1:] = kv[:, :, :1]
+    assert kv_head_groups(model) == groups
+    ref = [_reference_greedy(model, p, 10) for p in prompts]
+    batcher = Batcher(model, max_seqs=3, prefill_chunk=7)
+    assert batcher.cache.keys[0].shape[1] == cfg.num_attention_heads // groups
+    reqs = [Request(p, SamplingConfig(max_new_tokens=10, do_sample=False, stop_token_ids=[])) for p in prompts]
+    _run(batcher, reqs[:2], late=reqs[2:])
+    assert [r.tokens for r in reqs] == ref
+    # grouped attention = SDPA over the repeated heads, for one query row (ALiBi-style per-head bias or a
+    # shared boolean mask) and for several
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(3, 2, 9, 8, generator=g), torch.randn(3, 2, 9, 8, generator=g)
+    for t, mask in ((1, torch.randn(3, 4, 1, 9, generator=g)), (1, torch.rand(3, 1, 1, 9, generator=g) > 0.3),
+                    (1, None), (4, torch.randn(3, 4, 4, 9, generator=g))):
+        q = torch.randn(3, 4, t, 8, generator=g)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
+                                                                v.repeat_interleave(2, 1), attn_mask=mask)
+        assert torch.allclose(grouped_attention(q, k, v, mask), want, atol=1e-6)
 
 
 @torch.no_grad()

@@ -171,3 +171,32 @@ def test_serve_both_endpoints_on_converted_model(converted):
         assert chat.usage.prompt_tokens == len(prompt)
         text = client.completions.create(model="tiny-llama", prompt="Hello", temperature=0, max_tokens=8)
         assert text.usage.completion_tokens <= 8 and isinstance(text.choices[0].text, str)
+
+
+@torch.no_grad()
+def test_gqa_weights_keep_one_kv_head_per_group_and_decode_as_transformers(llama_dir, converted, reference):
+    """The converted W_pack repeats each key/value head over its group; the serving cache stores each group's
+    head once, and batched greedy decoding still follows transformers token for token."""
+    from baichuan2.model.generate import Batcher, Request
+    from baichuan2.model.model import kv_head_groups
+
+    kv_heads = json.loads((llama_dir / "config.json").read_text())["num_key_value_heads"]
+    model = load_pretrained(converted).eval()
+    heads = model.config.num_attention_heads
+    assert heads // kv_heads > 1 and kv_head_groups(model) == heads // kv_heads
+    batcher = Batcher(model, max_seqs=3, prefill_chunk=5)
+    assert batcher.cache.keys[0].shape[1] == kv_heads  # [slots, kv heads, positions, head_dim]
+    tok = Tokenizer.from_pretrained(converted)
+    prompts = [[tok.bos_id] + tok.encode(t) for t in PROMPTS]
+    reqs = [Request(p, SamplingConfig(max_new_tokens=n, do_sample=False, stop_token_ids=[]))
+            for p, n in zip(prompts, (12, 5, 9, 12))]
+    for r in reqs:
+        batcher.add(r)
+    while batcher.has_work:
+        batcher.step()
+    for prompt, req in zip(prompts, reqs):
+        ids, theirs = list(prompt), []
+        for _ in range(len(req.tokens)):  # transformers, whole sequence recomputed each step
+            theirs.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(theirs[-1])
+        assert req.tokens == theirs
