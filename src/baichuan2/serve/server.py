@@ -99,13 +99,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         param = ".".join(str(x) for x in errs[0]["loc"][1:]) if errs else None
         return error(422, f"invalid request: {problems}", param=param or None)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                             "authentication_error", "invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        # A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware relays every
+        # streamed chunk through an extra memory stream and task, a cost paid per token per stream.
+        expected = f"Bearer {api_key}".encode()
+
+        def bearer_auth(app):  # (Starlette builds middleware as factory(app=next_app))
+            async def guarded(scope, receive, send):
+                if scope["type"] == "http" and scope["path"].startswith("/v1") and \
+                        dict(scope["headers"]).get(b"authorization", b"") != expected:
+                    denied = error(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                   "authentication_error", "invalid_api_key")
+                    return await denied(scope, receive, send)
+                return await app(scope, receive, send)
+            return guarded
+
+        app.add_middleware(bearer_auth)
 
     def check(req: _Sampling):
         if req.model != model_name:
