@@ -185,11 +185,13 @@ def test_repeated_kv_heads_are_cached_once_and_decoding_is_unchanged(pos):
         kv[:, :, 1:] = kv[:, :, :1]
     assert kv_head_groups(model) == groups
     ref = [_reference_greedy(model, p, 10) for p in prompts]
-    batcher = Batcher(model, max_seqs=3, prefill_chunk=7)
-    assert batcher.cache.keys[0].shape[1] == cfg.num_attention_heads // groups
-    reqs = [Request(p, SamplingConfig(max_new_tokens=10, do_sample=False, stop_token_ids=[])) for p in prompts]
-    _run(batcher, reqs[:2], late=reqs[2:])
-    assert [r.tokens for r in reqs] == ref
+    for prepack in (False, True):  # full W_pack then every other K/V head; only the needed rows (prepacked)
+        batcher = Batcher(model, max_seqs=3, prefill_chunk=7, prepack=prepack)
+        assert batcher.cache.keys[0].shape[1] == cfg.num_attention_heads // groups
+        reqs = [Request(p, SamplingConfig(max_new_tokens=10, do_sample=False, stop_token_ids=[])) for p in prompts]
+        _run(batcher, reqs[:2], late=reqs[2:])
+        assert [r.tokens for r in reqs] == ref
+    assert "_packed_rows" in model.model.layers[0].self_attn.W_pack.__dict__
     # grouped attention = SDPA over the repeated heads, for one query row (ALiBi-style per-head bias or a
     # shared boolean mask) and for several
     g = torch.Generator().manual_seed(0)
@@ -200,6 +202,10 @@ def test_repeated_kv_heads_are_cached_once_and_decoding_is_unchanged(pos):
         want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
                                                                 v.repeat_interleave(2, 1), attn_mask=mask)
         assert torch.allclose(grouped_attention(q, k, v, mask), want, atol=1e-6)
+    q = torch.randn(3, 4, 9, 8, generator=g)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            is_causal=True)
+    assert torch.allclose(grouped_attention(q, k, v, None, is_causal=True), want, atol=1e-6)
 
 
 @torch.no_grad()

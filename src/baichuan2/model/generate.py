@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from baichuan2.model.model import Baichuan, KVCache, PrepackedWeight, SlotKVCache, prepack_for_inference
+from baichuan2.model.model import (Baichuan, KVCache, PrepackedWeight, SlotKVCache, kv_head_groups,
+                                   prepack_for_inference)
 
 
 @dataclass
@@ -340,9 +341,12 @@ class Batcher:
             column_major_weights(model)
         self.max_len = max_len or model.config.max_position_embeddings
         self.max_seqs = max_seqs
+        # weights converted from a grouped-query model repeat each key/value head over its group: every
+        # cache of this batcher keeps one head per group (the weights must not change during its life)
+        self.kv_groups = kv_head_groups(model)
         self.kv_budget = kv_budget_tokens or max_seqs * self.max_len
         self.prefill_chunk = max(1, prefill_chunk)
-        self.cache = SlotKVCache.for_model(model, max_seqs, self.max_len)
+        self.cache = SlotKVCache.for_model(model, max_seqs, self.max_len, self.kv_groups)
         vocab = model.config.vocab_size
         self.seen = torch.zeros((max_seqs, vocab), dtype=torch.bool, device=model.device)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
@@ -429,7 +433,7 @@ class Batcher:
                 continue
             req.reserved = need
             self.reserved += need
-            req.prefill = KVCache.for_model(self.model, 1, len(req.prompt))
+            req.prefill = KVCache.for_model(self.model, 1, len(req.prompt), self.kv_groups)
             req.computed = 0
             if self.prefix_cache is not None:
                 n, keys, values = self.prefix_cache.lookup(req.prompt)
@@ -494,7 +498,7 @@ class Batcher:
         device = self.model.device
         ids = torch.tensor([[t for r in group for t in r.prompt]], device=device)
         segments = torch.tensor([[i + 1 for i, r in enumerate(group) for _ in r.prompt]], device=device)
-        packed = KVCache.for_model(self.model, 1, total)
+        packed = KVCache.for_model(self.model, 1, total, self.kv_groups)
         hidden = self.model.model(ids, attention_mask=segments, cache=packed)
         out, start = {}, 0
         for req in group:
@@ -566,7 +570,7 @@ def batcher_for(model: Baichuan, prompts: Sequence[Sequence[int]], max_new_token
                       prefix_cache_tokens=shared if shared >= SHARED_PREFIX_MIN else 0)
     if batcher.prefix_cache is not None:
         n = shared // batcher.prefix_cache.block * batcher.prefix_cache.block
-        kv = KVCache.for_model(model, 1, n)
+        kv = KVCache.for_model(model, 1, n, batcher.kv_groups)
         model.model(torch.tensor([list(prompts[0][:n])], device=model.device), cache=kv)
         batcher.prefix_cache.insert(list(prompts[0][:n]), kv)
     return batcher

@@ -137,18 +137,22 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, max_len: int,
-                 device: torch.device | str, dtype: torch.dtype):
-        shape = (batch, heads, max_len, head_dim)
+                 device: torch.device | str, dtype: torch.dtype, kv_groups: int = 1):
+        # kv_groups > 1: the model's key/value heads repeat in groups (`kv_head_groups`); attention then
+        # hands over one head per group and the buffers hold heads / kv_groups heads
+        self.kv_groups = kv_groups
+        shape = (batch, heads // kv_groups, max_len, head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.lengths = [0] * num_layers
         self.max_len = max_len
 
     @classmethod
-    def for_model(cls, model: Baichuan, batch: int, max_len: int) -> KVCache:
+    def for_model(cls, model: Baichuan, batch: int, max_len: int, kv_groups: int = 1) -> KVCache:
         p = model.model.embed_tokens.weight
         cfg = model.config
-        return cls(cfg.num_hidden_layers, batch, cfg.num_attention_heads, cfg.head_dim, max_len, p.device, p.dtype)
+        return cls(cfg.num_hidden_layers, batch, cfg.num_attention_heads, cfg.head_dim, max_len, p.device, p.dtype,
+                   kv_groups)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,16 +207,16 @@ class SlotKVCache:
         self._t = 0
 
     @classmethod
-    def for_model(cls, model: Baichuan, slots: int, max_len: int) -> SlotKVCache:
+    def for_model(cls, model: Baichuan, slots: int, max_len: int, kv_groups: int = 1) -> SlotKVCache:
         """Buffers in the model's dtype, except on CPU, where a bf16/fp16 model's keys and values are kept in
         fp32 (exactly the same numbers): PyTorch's CPU attention kernels for one query per row are 2-3.5x
         slower in bf16 than in fp32 (measured at batch 1-64), and decoding reads the cache every step.
-        Key/value heads repeated in the weights (`kv_head_groups`) are stored once."""
+        ``kv_groups``: see `kv_head_groups` (the caller checks the weights; they must not change meanwhile)."""
         p = model.model.embed_tokens.weight
         cfg = model.config
         dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
         return cls(cfg.num_hidden_layers, slots, cfg.num_attention_heads, cfg.head_dim, max_len, p.device, dtype,
-                   kv_groups=kv_head_groups(model))
+                   kv_groups)
 
     def select(self, rows: int) -> None:
         """The next forward pass covers rows ``0..rows-1``."""
@@ -258,7 +262,7 @@ class SlotKVCache:
                cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = key_states.shape[0], key_states.shape[2]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.kv_groups > 1:  # one head per group (the others are copies)
+        if key_states.shape[1] != self.kv_heads:  # one head per group (the others are copies)
             key_states, value_states = key_states[:, ::self.kv_groups], value_states[:, ::self.kv_groups]
         if t == 1:  # one decoding step: a scatter at each row's own position (index_copy_ on flat offsets:
             # ~10x cheaper than advanced-index assignment at 64 rows)
@@ -316,25 +320,26 @@ def kv_head_groups(model: Baichuan) -> int:
     if any(type(w) not in (nn.Parameter, torch.Tensor) or w.shape != (3 * h, h) for w in packs):
         return 1
     for groups in sorted((g for g in range(2, heads + 1) if heads % g == 0), reverse=True):
-        def repeated(w: torch.Tensor) -> bool:
-            kv = w[h:].unflatten(0, (2, heads // groups, groups, d))  # [k|v, group, member, d, hidden]
+        def repeated(w: torch.Tensor, rows: slice = slice(None)) -> bool:
+            kv = w[h:].unflatten(0, (2, heads // groups, groups, d))[:, :, :, rows]  # [k|v, group, member, d, h]
             return bool((kv == kv[:, :, :1]).all())
-        if all(repeated(w) for w in packs):
+        # one row per head first: for weights without repeats every group size fails there, cheaply
+        if all(repeated(w, slice(0, 1)) for w in packs) and all(repeated(w) for w in packs):
             return groups
     return 1
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-                      ) -> torch.Tensor:
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      is_causal: bool = False) -> torch.Tensor:
     """SDPA of ``q`` [b, heads, t, d] over grouped ``k``/``v`` [b, kv_heads, kv, d] (query head j reads
     key/value head j // (heads / kv_heads)).  For one decoding step the group's queries become the rows of
     one [b, kv_heads, group, d] query, so the cache is read once per group, not once per query head."""
     b, heads, t, d = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    if t != 1:
+    if t != 1 or is_causal:
         return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                              attn_mask=mask)
+                                              attn_mask=mask, is_causal=is_causal)
     if mask is not None and mask.shape[1] != 1:  # per-head (ALiBi) bias [b, heads, 1, kv] -> [b, kv_heads, group, kv]
         mask = mask.reshape(mask.shape[0], kv_heads, groups, mask.shape[-1])
     y = F.scaled_dot_product_attention(q.reshape(b, kv_heads, groups, d), k, v, attn_mask=mask)
@@ -470,9 +475,19 @@ class Linear(nn.Linear):
             self._packed = PrepackedWeight()
         return prepacked_linear(x, self._packed.get(self.weight), self.bias)
 
+    def can_prepack(self) -> bool:
+        return _use_prepacked(self, self.weight) and self.bias is None
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, weight[rows])`` on a prepacked copy of those rows only (see `can_prepack`)."""
+        if "_packed_rows" not in self.__dict__:
+            self._packed_rows = PrepackedWeight()
+        return prepacked_linear(x, self._packed_rows.get(self.weight, lambda w: w.index_select(0, rows)))
+
     def train(self, mode: bool = True) -> Linear:
-        if "_packed" in self.__dict__:
-            self._packed.clear()
+        for name in ("_packed", "_packed_rows"):
+            if name in self.__dict__:
+                self.__dict__[name].clear()
         return super().train(mode)
 
 
@@ -518,26 +533,49 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None, bias: AttentionBias,
                 cache: Cache | None) -> torch.Tensor:
-        b, t, _ = x.shape
-        qkv = self.W_pack(x).unflatten(-1, (3, -1, self.head_dim))  # [b, t, 3, heads, d]
-        # split (not indexing) so the backward pass concatenates instead of zero-filling per tensor
-        qk, v = qkv.split((2, 1), dim=2)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)  # q and k rotated in one pass
-        q, k = qk.unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)  # [b, heads, t, d]
+        groups = getattr(cache, "kv_groups", 1)
+        if groups > 1 and isinstance(self.W_pack, Linear) and self.W_pack.can_prepack():
+            q, k, v = self._grouped_qkv(x, rope, groups)
+        else:
+            qkv = self.W_pack(x).unflatten(-1, (3, -1, self.head_dim))  # [b, t, 3, heads, d]
+            # split (not indexing) so the backward pass concatenates instead of zero-filling per tensor
+            qk, v = qkv.split((2, 1), dim=2)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)  # q and k rotated in one pass
+            q, k = qk.unbind(2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)  # [b, heads, t, d]
+            if groups > 1:  # the cache holds one key/value head per group
+                k, v = k[:, ::groups], v[:, ::groups]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if bias.flex is not None:
             y = bias.flex(q, k, v)
         elif k.shape[1] != q.shape[1]:  # a grouped cache (SlotKVCache of a GQA model): one K/V head per group
-            y = grouped_attention(q.to(k.dtype), k, v, bias.mask).to(q.dtype)
+            y = grouped_attention(q.to(k.dtype), k, v, bias.mask, bias.is_causal).to(q.dtype)
         else:
             # a cache may hold keys/values in a wider dtype than the model (SlotKVCache on CPU): attend in
             # that dtype, hand the result back in the queries' own (a no-op everywhere else)
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias.mask,
                                                is_causal=bias.is_causal).to(q.dtype)
         return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def _grouped_qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, groups: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries of every head, keys/values of one head per group (inference on a grouped cache): only those
+        rows of ``W_pack`` are multiplied (SmolLM2: 960 of 1728 rows' worth of K/V work saved)."""
+        heads = self.W_pack.weight.shape[0] // (3 * self.head_dim)
+        rows = self.__dict__.get("_group_rows")
+        if rows is None or rows[0] != groups:
+            d, width = self.head_dim, heads * self.head_dim
+            leaders = torch.arange(0, heads, groups)[:, None] * d + torch.arange(d)[None]  # first head of each group
+            index = torch.cat([torch.arange(width), width + leaders.flatten(), 2 * width + leaders.flatten()])
+            rows = self.__dict__["_group_rows"] = (groups, index.to(self.W_pack.weight.device))
+        qkv = self.W_pack.forward_rows(x, rows[1]).unflatten(-1, (-1, self.head_dim))  # [b, t, H + 2H/g, d]
+        q, k, v = qkv.split((heads, heads // groups, heads // groups), dim=2)
+        if rope is not None:
+            cos, sin = rope[0].squeeze(2), rope[1].squeeze(2)  # [b, t, 1, d]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 class MLP(nn.Module):
