@@ -36,13 +36,22 @@ VARIANTS = ["ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "hf-fp32", "hf-b
             "llamacpp-q4_0"]
 
 
-def make_checkpoint(preset: str, vocab: int, out: Path) -> None:
+def make_checkpoint(preset: str, vocab: int, out: Path, tokenizer: str | None = None) -> None:
+    """Random weights; with ``tokenizer`` (a checkpoint directory whose tokenizer has at most ``vocab``
+    entries) its tokenizer files are copied in, so the GGUF export (which embeds a tokenizer) works."""
+    import shutil
+
     from baichuan2.model import Baichuan, ModelConfig
     from baichuan2.model.checkpoint import save_pretrained
 
     torch.manual_seed(0)
     model = Baichuan(ModelConfig.from_name(preset, vocab_size=vocab))
     save_pretrained(model, out)
+    if tokenizer:
+        from baichuan2.model.convert import tokenizer_files
+
+        for f in tokenizer_files(Path(tokenizer)):
+            shutil.copy(f, out / f.name)
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -246,6 +255,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--tokenizer", default=None, help="checkpoint dir whose tokenizer files go into the speed "
+                    "model (needed by the llamacpp-* variants: a GGUF embeds its tokenizer; e.g. a converted "
+                    "SmolLM2 with --vocab 49152)")
     ap.add_argument("--llama-python", default="/work/peers/llama-venv/bin/python")
     ap.add_argument("--ppl", action="store_true", help="also measure quality: SmolLM2-135M perplexity, KL on the "
                     "speed model")
@@ -264,10 +276,10 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="quant_decode_"))
     args.work = str(work)  # the quality section converts SmolLM2 into the same work dir
-    ckpt = work / f"{args.preset}-v{args.vocab}"
+    ckpt = work / f"{args.preset}-v{args.vocab}{'-tok' if args.tokenizer else ''}"
     if not ckpt.exists():
         print(f"building {args.preset} (vocab {args.vocab}) in {ckpt} ...", flush=True)
-        make_checkpoint(args.preset, args.vocab, ckpt)
+        make_checkpoint(args.preset, args.vocab, ckpt, args.tokenizer)
     variants = [v for v in args.variants.split(",") if v]
     from gguf_llama_cpp import llama_cpp_available
 
