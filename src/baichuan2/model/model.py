@@ -190,8 +190,9 @@ class SlotKVCache:
         if heads % kv_groups:
             raise ValueError(f"{heads} heads do not split into groups of {kv_groups}")
         # Grouped-query attention (weights converted from a GQA model repeat each key/value head over its
-        # group of query heads): only one head per group is stored and read, so the cache is kv_groups
-        # times smaller and decoding reads kv_groups times less memory (attention reads every cached key).
+        # group of query heads): attention hands over one head per group (`Attention.forward` reads
+        # ``kv_groups``), so the cache is kv_groups times smaller and decoding reads kv_groups times less
+        # memory (attention reads every cached key).
         self.kv_groups, self.kv_heads = kv_groups, heads // kv_groups
         shape = (slots, self.kv_heads, max_len, head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
@@ -262,8 +263,6 @@ class SlotKVCache:
                cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = key_states.shape[0], key_states.shape[2]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if key_states.shape[1] != self.kv_heads:  # one head per group (the others are copies)
-            key_states, value_states = key_states[:, ::self.kv_groups], value_states[:, ::self.kv_groups]
         if t == 1:  # one decoding step: a scatter at each row's own position (index_copy_ on flat offsets:
             # ~10x cheaper than advanced-index assignment at 64 rows)
             d = keys.shape[-1]
@@ -285,12 +284,11 @@ class SlotKVCache:
         return max(self.lengths[: self._rows], default=0)
 
     def load(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Fill ``row`` with one sequence's keys/values (``[heads, n, head_dim]`` per layer)."""
-        n, g = keys[0].shape[1], self.kv_groups
+        """Fill ``row`` with one sequence's keys/values (``[kv_heads, n, head_dim]`` per layer)."""
+        n = keys[0].shape[1]
         for layer in range(len(self.keys)):
-            self.keys[layer][row, :, :n] = keys[layer][::g] if keys[layer].shape[0] != self.kv_heads else keys[layer]
-            self.values[layer][row, :, :n] = (values[layer][::g] if values[layer].shape[0] != self.kv_heads
-                                              else values[layer])
+            self.keys[layer][row, :, :n] = keys[layer]
+            self.values[layer][row, :, :n] = values[layer]
         self.lengths[row] = n
         self.finite[row] = max(self.finite[row], n)
 
