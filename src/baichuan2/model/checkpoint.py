@@ -265,6 +265,7 @@ def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "au
         quant.quantized_skeleton(model, stored_quant)
     check_state_dict(state, model, str(directory))
     model.load_state_dict(state, assign=True, strict=True)
+    del state  # the model holds the tensors now; quantizing on load frees each full-precision one it replaces
     if dtype != "auto":
         model = model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
     if online_quant:
@@ -272,7 +273,10 @@ def load_pretrained(directory: str | os.PathLike, dtype: str | torch.dtype = "au
             quant.quantize_model(model, online_quant)
         except ValueError as e:
             raise CheckpointError(f"{directory}: {e}") from None
-    return model.to(resolve_device(device))
+    model = model.to(resolve_device(device))
+    if stored_quant or online_quant:
+        quant.prepare_kernels(model)  # the CPU kernels' weight layout now, not inside the first token
+    return model
 
 
 def save_pretrained(model: Baichuan, directory: str | os.PathLike, *, max_shard_size: int = 2 * 1024**3,

@@ -1,12 +1,16 @@
 """Hand-written CPU kernels, compiled on first use and cached (``torch.utils.cpp_extension``).
 
-Only where measured faster than what PyTorch ships: ``int8_gemv`` multiplies a weight-only int8
-matrix by up to ``INT8_GEMV_MAX_ROWS`` fp32 activation rows (batch-1..16 decoding) -- on the
-2-core AVX-512 machine the whole ``ladder-500m`` int8 batch-1 decode runs ~1.4x faster with it than with
-``torch._weight_int8pack_mm`` (1.63x -> 2.27x fp32's speed, ``benchmarks/quant_decode.py``). Every kernel has a PyTorch
-fallback: no AVX-512 (``torch.backends.cpu.get_cpu_capability()``), no compiler, a failed build,
-or ``BAICHUAN2_CPU_KERNELS=0`` give ``None`` from ``load_int8_gemv()`` and the caller uses its
-PyTorch path. The build (~30 s, once per machine and source version) goes to
+Only where measured faster than what PyTorch ships (``benchmarks/quant_decode.py``):
+
+* ``int8_gemv``: a weight-only int8 matrix against int8-quantised activations with VNNI dot products
+  (as llama.cpp's Q8_0), in place of ``torch._weight_int8pack_mm``;
+* ``int4_gemv``: a group-wise int4 matrix against int8-quantised activations with VNNI dot products
+  (as llama.cpp's Q4_0), in place of ``torch._weight_int4pack_mm_for_cpu``.
+
+Every kernel has a PyTorch fallback: no AVX-512 (``torch.backends.cpu.get_cpu_capability()``), no
+compiler, a failed build, or ``BAICHUAN2_CPU_KERNELS=0`` give ``None`` from ``load_int8_gemv()`` /
+``load_int4_gemv()`` and the caller uses its PyTorch path. Each build (~30 s, once per machine and
+source version) goes to
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); concurrent builders wait on
 its file lock.
 """
@@ -24,9 +28,9 @@ from typing import Any
 
 import torch
 
-INT8_GEMV_MAX_ROWS = 16  # above this the weights are re-read per 4 rows; PyTorch's kernel is as good
-_SOURCE = Path(__file__).parent / "kernels" / "int8_gemv.cpp"
+_KERNELS = Path(__file__).parent / "kernels"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]  # OpenMP: at::parallel_for threads
+_EXTRA_FLAGS = {"int4_gemv": ["-mavx512vnni", "-mfma"], "int8_gemv": ["-mavx512vnni", "-mfma"]}  # checked at run time by the module's supported()
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 log = logging.getLogger(__name__)
@@ -47,30 +51,48 @@ def _why_not() -> str | None:
 
 
 def load_int8_gemv() -> Any | None:
-    """The compiled ``int8_gemv(x fp32 [M,K], q int8 [N,K], s fp32 [N]) -> fp32 [M,N]``, or None."""
-    if "int8_gemv" in _state:
-        return _state["int8_gemv"]
+    """The compiled ``int8_gemv(x fp32 [M,K], codes, scales fp32 [N]) -> fp32 [M,N]`` (codes in the kernel's
+    own layout: see ``kernels/int8_gemv.cpp`` and ``quant.Int8Linear``), or None; needs AVX512-VNNI."""
+    return _load("int8_gemv")
+
+
+def load_int4_gemv() -> Any | None:
+    """The compiled ``int4_gemv(x fp32 [M,K], codes, scales, mins, G) -> fp32 [M,N]`` (weights in the
+    kernel's own layout: see ``kernels/int4_gemv.cpp`` and ``quant.Int4Linear``), or None; needs
+    AVX512-VNNI besides AVX-512."""
+    return _load("int4_gemv")
+
+
+def _load(kernel: str) -> Any | None:
+    if (fn := _state.get(kernel, _state)) is not _state:  # built (or refused) already: one dict lookup
+        return fn
     with _lock:
-        if "int8_gemv" not in _state:
-            _state["int8_gemv"] = _build()
-    return _state["int8_gemv"]
+        if kernel not in _state:
+            _state[kernel] = _build(kernel)
+    return _state[kernel]
 
 
-def _build() -> Any | None:
+def _build(kernel: str) -> Any | None:
     reason = _why_not()
     if reason is None:
-        digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-        name = f"baichuan2_int8_gemv_{digest}"
+        source = _KERNELS / f"{kernel}.cpp"
+        flags = _FLAGS + _EXTRA_FLAGS.get(kernel, [])
+        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+        name = f"baichuan2_{kernel}_{digest}"
         try:
             from torch.utils import cpp_extension
 
             if not _built(cpp_extension, name):
-                print("baichuan2: compiling the int8 CPU kernel (once per machine, ~30 s) ...", file=sys.stderr,
+                print(f"baichuan2: compiling the {kernel} CPU kernel (once per machine, ~30 s) ...", file=sys.stderr,
                       flush=True)
-            return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=_FLAGS, verbose=False).int8_gemv
+            module = cpp_extension.load(name, [str(source)], extra_cflags=flags, verbose=False)
+            if not getattr(module, "supported", lambda: True)():
+                reason = "this CPU lacks an instruction set it needs (" + " ".join(_EXTRA_FLAGS[kernel]) + ")"
+            else:
+                return getattr(module, kernel)
         except Exception as exc:  # any build problem: the PyTorch kernel is correct, only slower
             reason = f"build failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
-    log.info("int8 CPU kernel not used (%s); using torch._weight_int8pack_mm", reason)
+    log.info("%s CPU kernel not used (%s); using PyTorch's kernel", kernel, reason)
     return None
 
 

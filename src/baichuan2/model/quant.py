@@ -1,18 +1,19 @@
 """Weight-only quantization: int8 per-channel and int4 group-wise linear layers.
 
-Activations stay in floating point; only the weights are stored as integers.
-The matmuls run on PyTorch's own int-weight kernels, which take bf16
-activations (measured on this AVX-512 CPU, one 2048x2048 matrix-vector
-product: fp32 1.35 ms, int8 0.11 ms, int4 0.12 ms; with fp32 activations the
-same kernels are ~10x *slower* than fp32, so inputs are cast to bf16 and the
-output cast back):
+Only the weights are stored as integers. On AVX-512 VNNI CPUs the matmuls run on our own kernels
+(``model/kernels/``), which quantise the activations to int8 per block of 32 on the fly, as llama.cpp
+does, and multiply with integer dot products: decoding is instruction-bound on a few cores, and
+converting weights to floats costs ~3x the instructions. Elsewhere they run on PyTorch's int-weight
+kernels with bf16 activations (with fp32 activations those are ~10x *slower* than fp32):
 
 * int8: ``torch._weight_int8pack_mm(x, q[out, in] int8, scale[out])``, symmetric
-  per output channel, ``w = q * scale``; decoding steps of <= 16 rows use our own AVX-512 kernel
-  (``cpu_kernels.int8_gemv``: fp32 activations, ~1.4x faster decode) when it builds.
+  per output channel, ``w = q * scale``; our own AVX-512 VNNI kernel (``cpu_kernels.int8_gemv``:
+  int8 activations per block of 32, as llama.cpp's Q8_0) takes every CPU call when it builds.
 * int4: ``torch._weight_int4pack_mm_for_cpu`` over a kernel-specific packing
   made at load time by ``torch._convert_weight_to_int4pack_for_cpu``; asymmetric
-  groups of ``group_size`` inputs, ``w = q * scale + min`` with q in 0..15.
+  groups of ``group_size`` inputs, ``w = q * scale + min`` with q in 0..15; our own AVX-512 VNNI kernel
+  (``cpu_kernels.int4_gemv``, as llama.cpp's Q4_0 x Q8_0) takes every CPU call when it builds, and then
+  PyTorch's packing is never made.
 
 Other devices (CUDA) dequantise to the activation dtype and use a plain matmul:
 correct everywhere, without the memory-bandwidth gain.
@@ -176,6 +177,25 @@ class _QuantModule(nn.Module):
         super().__init__()
         self._kernel: tuple[Any, ...] | None = None  # (key, tensors prepared for the kernel)
 
+    def _weights_key(self) -> tuple:
+        """Identity + version of every integer/scale buffer: prepared copies are rebuilt when it changes.
+        (Read from ``_buffers`` directly: this runs on every decoding matmul, and ``nn.Module`` attribute
+        lookups cost microseconds each.)"""
+        # (inference tensors, made under torch.inference_mode, have no version counter and cannot change)
+        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in self._buffers.values()
+                     if t is not None)
+
+    def _use_gemv(self, x: torch.Tensor, k_multiple: int) -> bool:
+        """Our CPU kernels (``cpu_kernels``) take this call: shapes they handle, and no autograd through them
+        (an output silently cut off from the graph would be worse than PyTorch's op, which says it has no
+        derivative)."""
+        return (self.out_features % 4 == 0 and self.in_features % k_multiple == 0
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def prepare(self) -> None:
+        """Build the CPU kernel's weight layout now rather than on the first forward (which would then
+        pay for it inside a timed or latency-sensitive call)."""
+
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): prepared kernel tensors go stale
         self._kernel = None
         return super()._apply(fn, recurse)
@@ -194,6 +214,20 @@ class _QuantModule(nn.Module):
         return self.scales.new_empty(0)
 
 
+_GEMV_CHUNK = 256  # rows per kernel call: the activations of one call stay in L2 while each weight block passes
+
+
+def _rows_through(gemv: Any, flat: torch.Tensor, x: torch.Tensor, out_features: int, *weights: Any) -> torch.Tensor:
+    """``flat`` [rows, in] through one of our kernels in chunks of `_GEMV_CHUNK` rows (each row's result is
+    its own, so chunking changes nothing), fp32 in and out, reshaped like ``x``."""
+    flat = flat if flat.dtype == torch.float32 and flat.is_contiguous() else flat.float().contiguous()
+    if flat.shape[0] <= _GEMV_CHUNK:
+        y = gemv(flat, *weights)
+    else:
+        y = torch.cat([gemv(part, *weights) for part in flat.split(_GEMV_CHUNK)])
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], out_features)
+
+
 class Int8Linear(_QuantModule):
     def __init__(self, in_features: int, out_features: int, device: Any = None):
         super().__init__()
@@ -210,22 +244,39 @@ class Int8Linear(_QuantModule):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales)
 
+    def _prepared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(bf16 scales for torch._weight_int8pack_mm, fp32 scales, int8_gemv's shifted codes or None),
+        made once per weight version."""
+        key = self._weights_key()
+        if self._kernel is None or self._kernel[0] != key:
+            self._kernel = (key, self.scales.to(_KERNEL_DTYPE).clone(), self.scales.float().contiguous(), None)
+        return self._kernel[1:]
+
+    def prepare(self) -> None:
+        if self.qweight.device.type == "cpu" and self._use_gemv(self.qweight, 32) and cpu_kernels.load_int8_gemv():
+            self._gemv_codes()
+
+    def _gemv_codes(self) -> torch.Tensor:
+        """int8_gemv's layout (kernels/int8_gemv.cpp): codes + 128 as uint8, 4 rows interleaved per 32 columns."""
+        bf16, fp32, codes = self._prepared()
+        if codes is None:
+            n, k = self.out_features, self.in_features
+            shifted = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+            codes = shifted.reshape(n // 4, 4, k // 32, 32).transpose(1, 2).contiguous()
+            self._kernel = (*self._kernel[:3], codes)
+        return codes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.dequantize().to(x.dtype))
-        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales._version)
-        if self._kernel is None or self._kernel[0] != key:
-            if self.qweight.data_ptr() % 64:  # safetensors loads at any offset; the kernel segfaults unaligned
-                self.qweight = self.qweight.clone()
-            key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales._version)
-            self._kernel = (key, self.scales.to(_KERNEL_DTYPE).clone(), self.scales.float().contiguous())
         flat = x.reshape(-1, self.in_features)
-        small = flat.shape[0] <= cpu_kernels.INT8_GEMV_MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
-        if small and (gemv := cpu_kernels.load_int8_gemv()) is not None:  # no autograd through it
-            y = gemv(flat.float().contiguous(), self.qweight.contiguous(), self._kernel[2])  # decoding: fp32 in/out
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self._use_gemv(x, 32) and (gemv := cpu_kernels.load_int8_gemv()) is not None:
+            codes, scales = self._gemv_codes(), self._kernel[2]
+            return _rows_through(gemv, flat, x, self.out_features, codes, scales)
+        if self.qweight.data_ptr() % 64:  # safetensors loads at any offset; the kernel segfaults unaligned
+            self.qweight = self.qweight.clone()
         flat = flat.to(_KERNEL_DTYPE).contiguous()  # the kernels assume it
-        y = torch._weight_int8pack_mm(flat, self.qweight, self._kernel[1])
+        y = torch._weight_int8pack_mm(flat, self.qweight, self._prepared()[0])
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -252,22 +303,43 @@ class Int4Linear(_QuantModule):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scales, self.mins)
 
-    def _prepared(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version, self.mins._version)
+    def prepare(self) -> None:
+        if self.qweight.device.type == "cpu" and self._use_gemv(self.qweight, 64) and cpu_kernels.load_int4_gemv():
+            self._prepared("ours")
+
+    def _prepared(self, kernel: str) -> tuple[torch.Tensor, ...]:
+        """The weights as one kernel wants them, made once per weight version and only when first used
+        (a layer that only ever decodes never holds PyTorch's packing):
+        "torch": (its packing, its [groups, out, 2] scales/zeros); "ours": (int4_gemv's packing, fp32
+        scales per 32 inputs, fp32 offsets of the centred codes)."""
+        key = self._weights_key()
         if self._kernel is None or self._kernel[0] != key:
-            codes = unpack_nibbles(self.qweight).to(torch.int32)
-            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-            # the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale; layout [groups, out, 2]
+            self._kernel = (key, {})
+        cache = self._kernel[1]
+        if kernel not in cache:
+            codes = unpack_nibbles(self.qweight)
             s, m = self.scales.float(), self.mins.float()
-            scales_zeros = torch.stack((s, m + 8 * s), dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
-            self._kernel = (key, packed, scales_zeros)
-        return self._kernel[1], self._kernel[2]
+            if kernel == "torch":
+                packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+                # the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale; layout [groups, out, 2]
+                zeros = torch.stack((s, m + 8 * s), dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
+                cache[kernel] = (packed, zeros)
+            else:  # int4_gemv's layout (kernels/int4_gemv.cpp): 4 rows interleaved per 64-column chunk
+                n, k = self.out_features, self.in_features
+                chunks = codes.reshape(n // 4, 4, k // 64, 64).transpose(1, 2)
+                packed = chunks[..., :32] | (chunks[..., 32:] << 4)
+                blocks = s.repeat_interleave(self.group_size // 32, dim=1).reshape(n // 4, 4, k // 32).transpose(1, 2)
+                cache[kernel] = (packed.contiguous(), blocks.contiguous(), (m + 8 * s).contiguous())
+        return cache[kernel]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.dequantize().to(x.dtype))
-        packed, scales_zeros = self._prepared()
-        flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE).contiguous()  # the kernels assume it
+        flat = x.reshape(-1, self.in_features)
+        if self._use_gemv(x, 64) and (gemv := cpu_kernels.load_int4_gemv()) is not None:
+            return _rows_through(gemv, flat, x, self.out_features, *self._prepared("ours"), self.group_size)
+        packed, scales_zeros = self._prepared("torch")
+        flat = flat.to(_KERNEL_DTYPE).contiguous()  # the kernels assume it
         y = torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -416,6 +488,14 @@ def quantized_state_dict(model: Baichuan) -> dict[str, torch.Tensor]:
         out[k] = v.detach().float().cpu().contiguous() if k.endswith((".scales", ".mins")) else \
             v.detach().cpu().contiguous()
     return out
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Build every quantized layer's CPU kernel layout now (`load_pretrained` calls this), so the first
+    generated token does not pay for it."""
+    for module in model.modules():
+        if isinstance(module, _QuantModule):
+            module.prepare()
 
 
 def is_quantized(model: nn.Module) -> bool:
