@@ -44,9 +44,9 @@ def _int4_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     xq, sx = _quantized_activations(x)
     k, g = layer.in_features, layer.group_size
     q = unpack_nibbles(layer.qweight).double().reshape(layer.out_features, -1, 32) - 8  # centred codes
-    scales = layer.scales.double().repeat_interleave(g // 32, dim=1)  # one per 32-input block
+    scales = layer.scales.half().double().repeat_interleave(g // 32, dim=1)  # fp16, one per 32-input block
     main = torch.einsum("mbk,nbk,mb,nb->mn", xq, q, sx, scales)
-    offsets = layer.mins.double() + 8 * layer.scales.double()
+    offsets = (layer.mins.float() + 8 * layer.scales.float()).half().double()
     return main + x.double().reshape(x.shape[0], k // g, g).sum(-1) @ offsets.t()
 
 
@@ -145,9 +145,11 @@ def test_int4_kernel_equals_its_reference_and_rows_do_not_interact(group, k, n):
 @pytest.mark.skipif(not VNNI, reason="the int4 kernel needs an AVX-512 VNNI CPU")
 def test_int4_kernel_refuses_bad_arguments():
     gemv = cpu_kernels.load_int4_gemv()
-    q, s, mins = torch.zeros(1, 1, 4, 32, dtype=torch.uint8), torch.ones(1, 2, 4), torch.ones(4, 2)
+    q, s, mins = torch.zeros(1, 1, 4, 32, dtype=torch.uint8), torch.ones(1, 2, 4).half(), torch.ones(4, 2).half()
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        gemv(torch.zeros(1, 64), q, s, torch.ones(4, 3), 32)
+        gemv(torch.zeros(1, 64), q, s, torch.ones(4, 3).half(), 32)
+    with pytest.raises(RuntimeError, match="fp16"):
+        gemv(torch.zeros(1, 64), q, s.float(), mins, 32)
     with pytest.raises(RuntimeError, match="group size"):
         gemv(torch.zeros(1, 64), q, s, mins, 48)
     with pytest.raises(RuntimeError, match="fp32"):
@@ -171,6 +173,11 @@ def test_int4_linear_runs_on_the_kernel_and_never_builds_pytorchs_packing(monkey
         assert torch.allclose(out_small.double(), ref, atol=1e-5 * ref.abs().max().item())
     ref = exact(large)
     assert torch.allclose(out_large, ref, atol=ref.abs().max().item() * 2**-5, rtol=0)
+    # scales fp16 cannot hold: that layer keeps PyTorch's kernel, with the right numbers
+    huge = Int4Linear.from_weight(torch.randn(64, 256) * 1e6, 32)
+    assert huge._prepared("ours") is None
+    ref = F.linear(small, huge.dequantize())
+    assert torch.allclose(huge(small), ref, atol=ref.abs().max().item() * 2**-5, rtol=0)
     calls.clear()
     with torch.enable_grad():
         out = layer(small.clone().requires_grad_())

@@ -30,7 +30,7 @@ import torch
 
 _KERNELS = Path(__file__).parent / "kernels"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]  # OpenMP: at::parallel_for threads
-_EXTRA_FLAGS = {"int4_gemv": ["-mavx512vnni", "-mfma"], "int8_gemv": ["-mavx512vnni", "-mfma"]}  # checked at run time by the module's supported()
+_EXTRA_FLAGS = {"int4_gemv": ["-mavx512vnni", "-mfma", "-mf16c"], "int8_gemv": ["-mavx512vnni", "-mfma"]}  # checked at run time by the module's supported()
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 log = logging.getLogger(__name__)
