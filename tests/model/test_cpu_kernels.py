@@ -50,23 +50,27 @@ def _int4_reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     return main + x.double().reshape(x.shape[0], k // g, g).sum(-1) @ offsets.t()
 
 
+def _check_against_reference(layer, reference, row_counts) -> None:
+    """Equal to ``reference`` (same activation quantisation) to 1e-5, within 1% of the dequantised weights'
+    exact product, and every row's output the same alone as in the batch."""
+    exact = layer.dequantize().double()
+    for rows in row_counts:
+        x = torch.randn(rows, layer.in_features)
+        out = layer(x)
+        ref = reference(layer, x)
+        assert out.shape == (rows, layer.out_features) and out.dtype == torch.float32
+        assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        full = x.double() @ exact.t()  # int8 activations cost well under 1% of the exact product
+        assert (out.double() - full).norm() / full.norm() < 1e-2
+        for i in range(rows):  # continuous batching relies on this: a row's output is its own
+            assert torch.equal(layer(x[i:i + 1])[0], out[i])
+
+
 @pytest.mark.skipif(not VNNI, reason="the int8 kernel needs an AVX-512 VNNI CPU")
 @pytest.mark.parametrize("k,n", [(32, 4), (576, 192), (1216, 3648), (3264, 1216)])
 def test_int8_kernel_equals_its_reference_and_rows_do_not_interact(k, n):
     torch.manual_seed(k + n)
-    layer = Int8Linear.from_weight(torch.randn(n, k))
-    exact = layer.dequantize().double()
-    for rows in (1, 2, 3, 4, 5, 8, 9, 16):
-        x = torch.randn(rows, k)
-        out = layer(x)
-        ref = _int8_reference(layer, x)
-        assert out.shape == (rows, n) and out.dtype == torch.float32
-        assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-        # int8 activations cost well under 1% against the dequantised weights' exact product
-        full = x.double() @ exact.t()
-        assert (out.double() - full).norm() / full.norm() < 1e-2
-        for i in range(rows):  # continuous batching relies on this: a row's output is its own
-            assert torch.equal(layer(x[i:i + 1])[0], out[i])
+    _check_against_reference(Int8Linear.from_weight(torch.randn(n, k)), _int8_reference, (1, 2, 3, 4, 5, 8, 9, 16))
 
 
 @pytest.mark.skipif(not VNNI, reason="the int8 kernel needs an AVX-512 VNNI CPU")
@@ -83,14 +87,20 @@ def test_bad_arguments_are_refused():
         gemv(torch.zeros(32, 2).t(), q, s)
 
 
+def _spy_on(monkeypatch, kernel: str) -> tuple[list, object]:
+    """(the input shapes each call of ``kernel`` gets, the real kernel or None where it is not built)."""
+    calls: list = []
+    real = getattr(cpu_kernels, f"load_{kernel}")()
+    if real is not None:
+        monkeypatch.setitem(cpu_kernels._state, kernel, lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls, real
+
+
 def test_int8_linear_runs_every_row_count_on_the_kernel_in_chunks(monkeypatch):
     torch.manual_seed(0)
     w = torch.randn(96, 128)
     layer = Int8Linear.from_weight(w)
-    calls = []
-    real = cpu_kernels.load_int8_gemv()
-    if real is not None:
-        monkeypatch.setitem(cpu_kernels._state, "int8_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls, real = _spy_on(monkeypatch, "int8_gemv")
     exact = lambda x: F.linear(x, layer.dequantize())  # noqa: E731
     small, large = torch.randn(2, 3, 128), torch.randn(1, 600, 128)
     out_small, out_large = layer(small), layer(large)
@@ -125,21 +135,9 @@ def test_switched_off_gives_the_pytorch_kernel_and_the_same_numbers(monkeypatch)
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("k,n", [(256, 16), (768, 48), (1536, 80)])
 def test_int4_kernel_equals_its_reference_and_rows_do_not_interact(group, k, n):
-    if k % group:
-        pytest.skip("group does not divide k")
     torch.manual_seed(k + n + group)
-    layer = Int4Linear.from_weight(torch.randn(n, k), group, search=False)
-    exact = layer.dequantize().double()
-    for rows in (1, 2, 3, 4, 5, 8, 16):
-        x = torch.randn(rows, k)
-        out = layer(x)
-        ref = _int4_reference(layer, x)
-        assert out.shape == (rows, n) and out.dtype == torch.float32
-        assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-        full = x.double() @ exact.t()
-        assert (out.double() - full).norm() / full.norm() < 1e-2
-        for i in range(rows):  # continuous batching relies on this: a row's output is its own
-            assert torch.equal(layer(x[i:i + 1])[0], out[i])
+    _check_against_reference(Int4Linear.from_weight(torch.randn(n, k), group, search=False), _int4_reference,
+                             (1, 2, 3, 4, 5, 8, 16))
 
 
 @pytest.mark.skipif(not VNNI, reason="the int4 kernel needs an AVX-512 VNNI CPU")
@@ -159,10 +157,7 @@ def test_int4_kernel_refuses_bad_arguments():
 def test_int4_linear_runs_on_the_kernel_and_never_builds_pytorchs_packing(monkeypatch):
     torch.manual_seed(2)
     layer = Int4Linear.from_weight(torch.randn(64, 256), 32)
-    calls = []
-    real = cpu_kernels.load_int4_gemv()
-    if real is not None:
-        monkeypatch.setitem(cpu_kernels._state, "int4_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls, real = _spy_on(monkeypatch, "int4_gemv")
     exact = lambda x: F.linear(x, layer.dequantize())  # noqa: E731
     small, large = torch.randn(2, 3, 256), torch.randn(1, 40, 256)
     out_small, out_large = layer(small), layer(large)
