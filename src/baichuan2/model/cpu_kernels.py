@@ -30,7 +30,8 @@ import torch
 
 _KERNELS = Path(__file__).parent / "kernels"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]  # OpenMP: at::parallel_for threads
-_EXTRA_FLAGS = {"int4_gemv": ["-mavx512vnni", "-mfma", "-mf16c"], "int8_gemv": ["-mavx512vnni", "-mfma"]}  # checked at run time by the module's supported()
+# checked at run time by each module's supported()
+_EXTRA_FLAGS = {"int4_gemv": ["-mavx512vnni", "-mfma", "-mf16c"], "int8_gemv": ["-mavx512vnni", "-mfma"]}
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def _build(kernel: str) -> Any | None:
                 print(f"baichuan2: compiling the {kernel} CPU kernel (once per machine, ~30 s) ...", file=sys.stderr,
                       flush=True)
             module = cpp_extension.load(name, [str(source)], extra_cflags=flags, verbose=False)
-            if not getattr(module, "supported", lambda: True)():
+            if not module.supported():
                 reason = "this CPU lacks an instruction set it needs (" + " ".join(_EXTRA_FLAGS[kernel]) + ")"
             else:
                 return getattr(module, kernel)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ class _QuantModule(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._kernel: tuple[Any, ...] | None = None  # (key, tensors prepared for the kernel)
+        self._kernel: tuple[Any, dict[str, Any]] | None = None  # (weights key, {kernel name: its layout})
 
     def _weights_key(self) -> tuple:
         """Identity + version of every integer/scale buffer: prepared copies are rebuilt when it changes.
@@ -185,12 +185,16 @@ class _QuantModule(nn.Module):
         return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in self._buffers.values()
                      if t is not None)
 
-    def _use_gemv(self, x: torch.Tensor, k_multiple: int) -> bool:
-        """Our CPU kernels (``cpu_kernels``) take this call: shapes they handle, and no autograd through them
-        (an output silently cut off from the graph would be worse than PyTorch's op, which says it has no
-        derivative)."""
-        return (self.out_features % 4 == 0 and self.in_features % k_multiple == 0
-                and not (x.requires_grad and torch.is_grad_enabled()))
+    def _cached(self, name: str, build: Callable[[], Any]) -> Any:
+        """``build()`` (the weights as one kernel wants them), made once per weight version and only when
+        first asked for: a layer that only ever runs on one kernel never holds the other's layout."""
+        key = self._weights_key()
+        if self._kernel is None or self._kernel[0] != key:
+            self._kernel = (key, {})
+        cache = self._kernel[1]
+        if name not in cache:
+            cache[name] = build()
+        return cache[name]
 
     def prepare(self) -> None:
         """Build the CPU kernel's weight layout now rather than on the first forward (which would then
@@ -228,7 +232,38 @@ def _rows_through(gemv: Any, flat: torch.Tensor, x: torch.Tensor, out_features: 
     return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], out_features)
 
 
-class Int8Linear(_QuantModule):
+class _QuantLinear(_QuantModule):
+    """A quantized linear layer: our CPU kernel (``_load_gemv``, ``_gemv_weights``) where it applies, else
+    ``_torch_matmul`` (PyTorch's int-weight kernel, bf16 activations) on CPU, else a dequantised matmul."""
+
+    _K_MULTIPLE: int  # the kernel's input-width granularity
+
+    def _gemv_call(self, x: torch.Tensor) -> tuple[Any, tuple] | None:
+        """(our kernel, its weight arguments) when it takes this call: shapes it handles, and no autograd
+        through it (an output silently cut off from the graph would be worse than PyTorch's op, which
+        says it has no derivative)."""
+        if (self.out_features % 4 or self.in_features % self._K_MULTIPLE
+                or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        gemv = self._load_gemv()
+        weights = self._cached("ours", self._gemv_weights) if gemv is not None else None
+        return None if weights is None else (gemv, weights)
+
+    def prepare(self) -> None:
+        if self.qweight.device.type == "cpu":
+            self._gemv_call(self.qweight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return F.linear(x, self.dequantize().to(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        if (call := self._gemv_call(x)) is not None:
+            return _rows_through(call[0], flat, x, self.out_features, *call[1])
+        y = self._torch_matmul(flat.to(_KERNEL_DTYPE).contiguous())  # PyTorch's kernels assume it
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(_QuantLinear):
     def __init__(self, in_features: int, out_features: int, device: Any = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -244,46 +279,27 @@ class Int8Linear(_QuantModule):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scales)
 
-    def _prepared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(bf16 scales for torch._weight_int8pack_mm, fp32 scales, int8_gemv's shifted codes or None),
-        made once per weight version."""
-        key = self._weights_key()
-        if self._kernel is None or self._kernel[0] != key:
-            self._kernel = (key, self.scales.to(_KERNEL_DTYPE).clone(), self.scales.float().contiguous(), None)
-        return self._kernel[1:]
+    _K_MULTIPLE = 32
+    _load_gemv = staticmethod(cpu_kernels.load_int8_gemv)
 
-    def prepare(self) -> None:
-        if self.qweight.device.type == "cpu" and self._use_gemv(self.qweight, 32) and cpu_kernels.load_int8_gemv():
-            self._gemv_codes()
+    def _gemv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8_gemv's layout (kernels/int8_gemv.cpp): codes + 128 as uint8, 4 rows interleaved per 32
+        columns; fp32 scales."""
+        n, k = self.out_features, self.in_features
+        shifted = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+        return shifted.reshape(n // 4, 4, k // 32, 32).transpose(1, 2).contiguous(), self.scales.float().contiguous()
 
-    def _gemv_codes(self) -> torch.Tensor:
-        """int8_gemv's layout (kernels/int8_gemv.cpp): codes + 128 as uint8, 4 rows interleaved per 32 columns."""
-        bf16, fp32, codes = self._prepared()
-        if codes is None:
-            n, k = self.out_features, self.in_features
-            shifted = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
-            codes = shifted.reshape(n // 4, 4, k // 32, 32).transpose(1, 2).contiguous()
-            self._kernel = (*self._kernel[:3], codes)
-        return codes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return F.linear(x, self.dequantize().to(x.dtype))
-        flat = x.reshape(-1, self.in_features)
-        if self._use_gemv(x, 32) and (gemv := cpu_kernels.load_int8_gemv()) is not None:
-            codes, scales = self._gemv_codes(), self._kernel[2]
-            return _rows_through(gemv, flat, x, self.out_features, codes, scales)
+    def _torch_matmul(self, flat: torch.Tensor) -> torch.Tensor:
         if self.qweight.data_ptr() % 64:  # safetensors loads at any offset; the kernel segfaults unaligned
             self.qweight = self.qweight.clone()
-        flat = flat.to(_KERNEL_DTYPE).contiguous()  # the kernels assume it
-        y = torch._weight_int8pack_mm(flat, self.qweight, self._prepared()[0])
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return torch._weight_int8pack_mm(flat, self.qweight,
+                                         self._cached("torch", lambda: self.scales.to(_KERNEL_DTYPE).clone()))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-class Int4Linear(_QuantModule):
+class Int4Linear(_QuantLinear):
     def __init__(self, in_features: int, out_features: int, group_size: int, device: Any = None):
         super().__init__()
         if in_features % group_size:
@@ -303,50 +319,33 @@ class Int4Linear(_QuantModule):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scales, self.mins)
 
-    def prepare(self) -> None:
-        if self.qweight.device.type == "cpu" and self._use_gemv(self.qweight, 64) and cpu_kernels.load_int4_gemv():
-            self._prepared("ours")
+    _K_MULTIPLE = 64
+    _load_gemv = staticmethod(cpu_kernels.load_int4_gemv)
 
-    def _prepared(self, kernel: str) -> tuple[torch.Tensor, ...] | None:
-        """The weights as one kernel wants them, made once per weight version and only when first used
-        (a layer that only ever decodes never holds PyTorch's packing):
-        "torch": (its packing, its [groups, out, 2] scales/zeros); "ours": (int4_gemv's packing, fp16
-        scales per 32 inputs, fp16 offsets of the centred codes), or None where fp16 cannot hold them."""
-        key = self._weights_key()
-        if self._kernel is None or self._kernel[0] != key:
-            self._kernel = (key, {})
-        cache = self._kernel[1]
-        if kernel not in cache:
-            codes = unpack_nibbles(self.qweight)
-            s, m = self.scales.float(), self.mins.float()
-            if kernel == "torch":
-                packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-                # the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale; layout [groups, out, 2]
-                zeros = torch.stack((s, m + 8 * s), dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
-                cache[kernel] = (packed, zeros)
-            else:  # int4_gemv's layout (kernels/int4_gemv.cpp): 4 rows interleaved per 64-column chunk
-                n, k = self.out_features, self.in_features
-                chunks = codes.reshape(n // 4, 4, k // 64, 64).transpose(1, 2)
-                packed = chunks[..., :32] | (chunks[..., 32:] << 4)
-                blocks = s.repeat_interleave(self.group_size // 32, dim=1).reshape(n // 4, 4, k // 32).transpose(1, 2)
-                # fp16 scales and offsets (as Q4_0's): a sixth fewer bytes to read; a layer whose values do
-                # not fit fp16 (none seen in practice) keeps PyTorch's kernel
-                half_blocks, offsets = blocks.to(torch.float16).contiguous(), (m + 8 * s).to(torch.float16)
-                fits = bool(torch.isfinite(half_blocks).all() and torch.isfinite(offsets).all())
-                cache[kernel] = (packed.contiguous(), half_blocks, offsets.contiguous()) if fits else None
-        return cache[kernel]
+    def _gemv_weights(self) -> tuple | None:
+        """int4_gemv's layout (kernels/int4_gemv.cpp): 4 rows interleaved per 64-column chunk, fp16 scales per
+        32 inputs and fp16 offsets of the centred codes, the group size; None where fp16 cannot hold them."""
+        n, k = self.out_features, self.in_features
+        s, m = self.scales.float(), self.mins.float()
+        chunks = unpack_nibbles(self.qweight).reshape(n // 4, 4, k // 64, 64).transpose(1, 2)
+        packed = chunks[..., :32] | (chunks[..., 32:] << 4)
+        blocks = s.repeat_interleave(self.group_size // 32, dim=1).reshape(n // 4, 4, k // 32).transpose(1, 2)
+        # fp16 scales and offsets (as Q4_0's): a sixth fewer bytes to read; a layer whose values do not fit
+        # fp16 (none seen in practice) keeps PyTorch's kernel
+        half_blocks, offsets = blocks.to(torch.float16).contiguous(), (m + 8 * s).to(torch.float16).contiguous()
+        if not (torch.isfinite(half_blocks).all() and torch.isfinite(offsets).all()):
+            return None
+        return packed.contiguous(), half_blocks, offsets, self.group_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return F.linear(x, self.dequantize().to(x.dtype))
-        flat = x.reshape(-1, self.in_features)
-        if (self._use_gemv(x, 64) and (gemv := cpu_kernels.load_int4_gemv()) is not None
-                and (ours := self._prepared("ours")) is not None):
-            return _rows_through(gemv, flat, x, self.out_features, *ours, self.group_size)
-        packed, scales_zeros = self._prepared("torch")
-        flat = flat.to(_KERNEL_DTYPE).contiguous()  # the kernels assume it
-        y = torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+    def _torch_packing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s, m = self.scales.float(), self.mins.float()
+        packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.qweight).to(torch.int32), 1)
+        # the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale; layout [groups, out, 2]
+        return packed, torch.stack((s, m + 8 * s), dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
+
+    def _torch_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        packed, scales_zeros = self._cached("torch", self._torch_packing)
+        return torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
