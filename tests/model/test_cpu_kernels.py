@@ -181,3 +181,26 @@ def test_int4_linear_runs_on_the_kernel_and_never_builds_pytorchs_packing(monkey
     monkeypatch.setattr(cpu_kernels, "_state", {})
     slow = layer(small)  # PyTorch's kernel: bf16 activations, so close, not equal
     assert torch.allclose(out_small, slow, atol=out_small.abs().max().item() * 2**-5, rtol=0)
+
+
+@pytest.mark.skipif(not AVX512, reason="the fp32 kernel needs AVX-512 and a compiler")
+@pytest.mark.parametrize("n,k", [(1, 16), (47, 33), (48, 576), (100, 64), (1536, 576)])
+def test_fp32_gemm_equals_float64_and_rows_do_not_interact(n, k):
+    from baichuan2.model.model import PrepackedWeight
+
+    torch.manual_seed(n + k)
+    w, bias = torch.randn(n, k), torch.randn(n)
+    packed = PrepackedWeight()
+    wide = torch.randn(64, k + 7)  # rows further apart than k: the kernel reads x through its row stride
+    for rows in (1, 3, 8, 9, 16, 17, 64):
+        x = wide[:rows, 3:3 + k]
+        y = packed.linear(x, w, bias=bias)
+        assert packed.gemm is cpu_kernels.load_fp32_gemm() is not None  # fp32 weights go to our kernel
+        ref = x.double() @ w.double().t() + bias.double()
+        assert y.shape == (rows, n) and torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
+        for i in range(rows):  # continuous batching relies on this: a row's output is its own
+            assert torch.equal(packed.linear(x[i:i + 1], w, bias=bias)[0], y[i])
+    y3 = packed.linear(wide[:6, :k].reshape(2, 3, k), w)  # [batch, tokens, k] as the model calls it
+    assert torch.equal(y3.reshape(6, n), packed.linear(wide[:6, :k], w))
+    assert packed.linear(torch.randn(2, k).bfloat16(), w.bfloat16()).shape == (2, n)
+    assert packed.gemm is None  # bf16 weights stay with oneDNN (AMX / AVX512-BF16)

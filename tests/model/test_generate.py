@@ -313,13 +313,42 @@ def test_prompts_prefilled_together_in_one_packed_pass_decode_as_alone(pos):
 
 
 @torch.no_grad()
-def test_bf16_model_decodes_on_an_fp32_slot_cache_on_cpu():
+def test_a_prompt_cut_by_the_chunk_does_not_stop_the_next_ones_being_packed():
+    """Prefill passes cost a read of every weight: short prompts go together, never one by one behind a
+    prompt the previous step's budget cut, and no pass is a sliver left over at the end of a budget."""
+    from baichuan2.model.generate import Batcher, Request
+
+    model, _, prompts = _tiny_and_prompts("tiny-rope", 64, 4, (30, 10, 10, 10, 10, 10))
+    cfg = SamplingConfig(max_new_tokens=3, do_sample=False, stop_token_ids=[])
+    ref = [_reference_greedy(model, p, 3) for p in prompts]
+    batcher = Batcher(model, max_seqs=8, prefill_chunk=25)
+    passes = []
+    trunk = model.model.forward
+    model.model.forward = lambda ids, **kw: (passes.append(ids.shape[1]) if kw.get("attention_mask") is not None
+                                             or type(kw.get("cache")).__name__ == "KVCache" else None) or trunk(ids, **kw)
+    reqs = [Request(p, cfg) for p in prompts]
+    _run(batcher, reqs)
+    # 25 of the long prompt, then its last 5 + two packed prompts (20), then two steps of two packed prompts
+    assert passes == [25, 5, 20, 20, 10], passes
+    assert [r.tokens for r in reqs] == ref
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@torch.no_grad()
+def test_bf16_model_decodes_on_a_bf16_cache_with_the_kernel_and_an_fp32_one_without(kernel, monkeypatch):
+    from baichuan2.model import model as model_module
     from baichuan2.model.generate import Batcher, Request
 
     torch.manual_seed(0)
     model = Baichuan(ModelConfig.from_name("tiny-alibi", max_position_embeddings=64)).to(torch.bfloat16).eval()
+    if not kernel:
+        monkeypatch.setattr(model_module, "_decode_kernel", lambda head_dim: None)
     batcher = Batcher(model, max_seqs=2)
-    assert batcher.cache.dtype == torch.float32  # (attention in fp32: PyTorch's bf16 one-query kernels are slow)
+    # our decode kernel reads bf16 keys/values (exactly the model's numbers); PyTorch's bf16 one-query
+    # attention is slow on CPU, so without the kernel the cache is fp32
+    with_kernel = model_module._decode_kernel(model.config.head_dim) is not None
+    assert batcher.cache.dtype == (torch.bfloat16 if with_kernel else torch.float32)
+    assert with_kernel == (kernel and torch.backends.cpu.get_cpu_capability() == "AVX512")
     cfg = SamplingConfig(max_new_tokens=5, do_sample=False, stop_token_ids=[])
     reqs = [Request([5, 6, 7], cfg), Request([9] * 11, cfg)]
     _run(batcher, reqs)

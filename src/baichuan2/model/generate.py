@@ -325,7 +325,7 @@ class Batcher:
             tokens each); admission waits for room.  Default: ``max_seqs * max_len``.
         prefill_chunk: prompt tokens computed per step, so a long prompt never stalls running streams.
         prefix_cache_tokens: prompt-prefix tokens kept for reuse (0 = no prefix cache).
-        prepack: run the linear layers on oneDNN-prepacked weight copies (CPU; see `PrepackedWeight`);
+        prepack: run the linear layers on prepacked weight copies (CPU; see `PrepackedWeight`);
             default: when the copies fit in the available memory.
     """
 
@@ -451,30 +451,34 @@ class Batcher:
         as the rest of a small model)."""
         budget = self.prefill_chunk
         done, last_hidden = [], []
-        fresh = self._prefill_fresh(budget)
         while self.prefilling and budget > 0:
-            req = self.prefilling[0]
-            if req in fresh:
-                hidden, n = fresh[req], len(req.prompt)
-            else:
-                n = min(len(req.prompt) - req.computed, budget)
-                ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
-                hidden = self.model.model(ids, cache=req.prefill)
-            req.computed += n
-            budget -= n
-            if req.computed < len(req.prompt):
-                continue
-            self.prefilling.popleft()
-            if self.prefix_cache is not None:
-                self.prefix_cache.insert(req.prompt, req.prefill)
-            row = len(self.running)
-            self.cache.load(row, [k[0] for k in req.prefill.keys], [v[0] for v in req.prefill.values])
-            self.seen[row] = False
-            self.seen[row, torch.tensor(req.prompt, device=self.seen.device)] = True
-            req.prefill = None
-            self.running.append(req)
-            done.append(req)
-            last_hidden.append(hidden[:, -1])
+            fresh = self._prefill_fresh(budget)
+            head = self.prefilling[0]
+            if not fresh and budget < self.prefill_chunk and head.computed == 0 \
+                    and len(head.prompt) > budget:
+                break  # a prompt that no longer fits starts whole next step, not as a sliver (a pass of its own)
+            for req in list(fresh) or [head]:
+                if req in fresh:
+                    hidden, n = fresh[req], len(req.prompt)
+                else:
+                    n = min(len(req.prompt) - req.computed, budget)
+                    ids = torch.tensor([req.prompt[req.computed:req.computed + n]], device=self.model.device)
+                    hidden = self.model.model(ids, cache=req.prefill)
+                req.computed += n
+                budget -= n
+                if req.computed < len(req.prompt):
+                    continue
+                self.prefilling.popleft()  # `req` was at the head: fresh groups are taken from the head, in order
+                if self.prefix_cache is not None:
+                    self.prefix_cache.insert(req.prompt, req.prefill)
+                row = len(self.running)
+                self.cache.load(row, [k[0] for k in req.prefill.keys], [v[0] for v in req.prefill.values])
+                self.seen[row] = False
+                self.seen[row, torch.tensor(req.prompt, device=self.seen.device)] = True
+                req.prefill = None
+                self.running.append(req)
+                done.append(req)
+                last_hidden.append(hidden[:, -1])
         if done:
             self._accept(done, self.model.lm_head(torch.cat(last_hidden)))
 

@@ -209,15 +209,30 @@ class SlotKVCache:
 
     @classmethod
     def for_model(cls, model: Baichuan, slots: int, max_len: int, kv_groups: int = 1) -> SlotKVCache:
-        """Buffers in the model's dtype, except on CPU, where a bf16/fp16 model's keys and values are kept in
-        fp32 (exactly the same numbers): PyTorch's CPU attention kernels for one query per row are 2-3.5x
-        slower in bf16 than in fp32 (measured at batch 1-64), and decoding reads the cache every step.
+        """Buffers in the model's dtype, except on CPU without our decode kernel (`decode_attention`), where a
+        bf16/fp16 model's keys and values are kept in fp32 (exactly the same numbers): PyTorch's CPU
+        attention kernels for one query per row are 2-3.5x slower in bf16 than in fp32 (measured at batch
+        1-64), and decoding reads the cache every step.  Our kernel reads bf16 directly: half the bytes.
         ``kv_groups``: see `kv_head_groups` (the caller checks the weights; they must not change meanwhile)."""
         p = model.model.embed_tokens.weight
         cfg = model.config
-        dtype = torch.float32 if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        dtype = p.dtype
+        if p.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            kernel = dtype == torch.bfloat16 and _decode_kernel(cfg.head_dim) is not None
+            dtype = dtype if kernel else torch.float32
         return cls(cfg.num_hidden_layers, slots, cfg.num_attention_heads, cfg.head_dim, max_len, p.device, dtype,
                    kv_groups)
+
+    def decode_attention(self, slopes: torch.Tensor | None):
+        """For a one-token step on CPU: ``attend(q, k, v) -> [rows, heads, 1, head_dim]`` (fp32) by our kernel,
+        each row attending over its own length only (no mask, nothing read past the row's end); else None."""
+        kernel = _decode_kernel(self.keys[0].shape[-1]) if self.device.type == "cpu" else None
+        if kernel is None or self.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        lengths = self._starts + 1
+        slopes = torch.empty(0) if slopes is None else slopes.to(device="cpu", dtype=torch.float32)
+        scale = 1.0 / math.sqrt(self.keys[0].shape[-1])
+        return lambda q, k, v: kernel(q, k, v, lengths, slopes, scale).transpose(1, 2)
 
     def select(self, rows: int) -> None:
         """The next forward pass covers rows ``0..rows-1``."""
@@ -300,6 +315,15 @@ class SlotKVCache:
             self.values[layer][dst, :, :n] = self.values[layer][src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
         self.finite[dst] = max(self.finite[dst], n)
+
+
+def _decode_kernel(head_dim: int):
+    """Our compiled CPU decode-attention kernel for this head size, or None (then SDPA is used)."""
+    if head_dim % 16 or not 16 <= head_dim <= 128 and head_dim != 256:  # the sizes the kernel is built for
+        return None
+    from baichuan2.model import cpu_kernels
+
+    return cpu_kernels.load_decode_attention()
 
 
 def kv_head_groups(model: Baichuan) -> int:
@@ -393,7 +417,8 @@ class AttentionBias:
 
     mask: torch.Tensor | None = None
     is_causal: bool = False
-    flex: Any = None  # callable (q, k, v) -> out, when FlexAttention is in use
+    # callable (q, k, v) -> out replacing SDPA: FlexAttention, or the CPU decode kernel over a slot cache
+    attend: Any = None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -409,13 +434,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # ---------------------------------------------------------------------------------------
 
 class PrepackedWeight:
-    """A oneDNN-prepacked copy of a weight for CPU inference, rebuilt when the weight changes.
+    """A prepacked copy of a weight for CPU inference, rebuilt when the weight changes.
 
     Why: PyTorch's fp32 CPU matmul goes through MKL, which runs its slow generic kernels on AMD CPUs and
-    re-packs the weight on every call; oneDNN with a weight packed once into its blocked layout is
-    3-4x faster at decode batch sizes (8-64 rows) and uses the AVX512-BF16/AMX kernels for bf16 (2x
-    faster than ``F.linear`` at batch 1 on the 125,696-row vocabulary head).  A packed row's result does
-    not depend on how many rows share the call, so batched and unbatched decoding agree exactly.
+    re-packs the weight on every call; a weight packed once is 3-4x faster at decode batch sizes (8-64
+    rows).  fp32 weights go to our AVX-512 kernel (``kernels/fp32_gemm.cpp``: 48-column panels, 1.1-1.4x
+    oneDNN's packed inner product on one core), else to oneDNN's blocked layout; bf16 weights to oneDNN,
+    which uses the AVX512-BF16/AMX kernels (2x faster than ``F.linear`` at batch 1 on the 125,696-row
+    vocabulary head).  A packed row's result does not depend on how many rows share the call, so batched
+    and unbatched decoding agree exactly.
     The copy costs the weight's memory once more; it is an inference cache only: never in a state dict,
     not copied by ``deepcopy``/pickle, keyed on the weight's storage and version counter, and dropped by
     its owner on every ``train()``/``eval()`` switch (fused optimizers update weights without bumping
@@ -424,6 +451,8 @@ class PrepackedWeight:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.packed: torch.Tensor | None = None
+        self.gemm = None  # our fp32 kernel when ``packed`` is in its panel layout
+        self.rows = 0
 
     @staticmethod
     def supported(w: torch.Tensor) -> bool:
@@ -436,22 +465,40 @@ class PrepackedWeight:
         if self.key != key:
             self.packed = None  # free the stale copy before building the new one
             source = w.detach() if transform is None else transform(w.detach())
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), 16)
+            self.gemm = _fp32_gemm() if source.dtype == torch.float32 else None
+            self.rows = source.shape[0]
+            if self.gemm is not None:  # [ceil(N/48), K, 48] panels, zero-padded columns
+                panels = -(-self.rows // 48)
+                self.packed = (F.pad(source, (0, 0, 0, panels * 48 - self.rows))
+                               .view(panels, 48, source.shape[1]).transpose(1, 2).contiguous())
+            else:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), 16)
             self.key = key
         return self.packed
 
+    def linear(self, x: torch.Tensor, w: torch.Tensor, transform=None, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """``F.linear(x, transform(w), bias)`` on the packed copy."""
+        packed = self.get(w, transform)
+        if self.gemm is None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        y = self.gemm(x.reshape(-1, x.shape[-1]), packed, self.rows).view(*x.shape[:-1], self.rows)
+        return y if bias is None else y + bias
+
     def clear(self) -> None:
-        self.key = self.packed = None
+        self.key = self.packed = self.gemm = None
 
     def __deepcopy__(self, memo) -> PrepackedWeight:
         return PrepackedWeight()
 
     def __getstate__(self) -> dict:
-        return {"key": None, "packed": None}
+        return {"key": None, "packed": None, "gemm": None, "rows": 0}
 
 
-def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def _fp32_gemm():
+    from baichuan2.model import cpu_kernels
+
+    return cpu_kernels.load_fp32_gemm()
 
 
 def _use_prepacked(module: nn.Module, w: torch.Tensor) -> bool:
@@ -471,7 +518,7 @@ class Linear(nn.Linear):
             return super().forward(x)
         if "_packed" not in self.__dict__:
             self._packed = PrepackedWeight()
-        return prepacked_linear(x, self._packed.get(self.weight), self.bias)
+        return self._packed.linear(x, self.weight, bias=self.bias)
 
     def can_prepack(self) -> bool:
         return _use_prepacked(self, self.weight) and self.bias is None
@@ -480,7 +527,7 @@ class Linear(nn.Linear):
         """``F.linear(x, weight[rows])`` on a prepacked copy of those rows only (see `can_prepack`)."""
         if "_packed_rows" not in self.__dict__:
             self._packed_rows = PrepackedWeight()
-        return prepacked_linear(x, self._packed_rows.get(self.weight, lambda w: w.index_select(0, rows)))
+        return self._packed_rows.linear(x, self.weight, lambda w: w.index_select(0, rows))
 
     def train(self, mode: bool = True) -> Linear:
         for name in ("_packed", "_packed_rows"):
@@ -546,8 +593,8 @@ class Attention(nn.Module):
                 k, v = k[:, ::groups], v[:, ::groups]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if bias.flex is not None:
-            y = bias.flex(q, k, v)
+        if bias.attend is not None:
+            y = bias.attend(q, k, v).to(q.dtype)
         elif k.shape[1] != q.shape[1]:  # a grouped cache (SlotKVCache of a GQA model): one K/V head per group
             y = grouped_attention(q.to(k.dtype), k, v, bias.mask, bias.is_causal).to(q.dtype)
         else:
@@ -654,7 +701,7 @@ class NormHead(nn.Module):
             if _use_prepacked(self, self.weight):  # the normalised matrix, packed (no plain copy kept)
                 if "_packed" not in self.__dict__:
                     self._packed = PrepackedWeight()
-                return prepacked_linear(hidden, self._packed.get(self.weight, self._normalize))
+                return self._packed.linear(hidden, self.weight, self._normalize)
             return F.linear(hidden, self.normalized_weight())
         from baichuan2.model.fused_loss import fused_head_loss
 
@@ -716,7 +763,7 @@ class BaichuanModel(nn.Module):
         if self.config.attn_implementation == "flex" and cache is None:
             from baichuan2.model.flex import flex_attention_bias
 
-            bias = AttentionBias(flex=flex_attention_bias(t, attention_mask, slopes, x.device))
+            bias = AttentionBias(attend=flex_attention_bias(t, attention_mask, slopes, x.device))
         else:
             mask, is_causal = build_attention_bias(t, past + t, x.device, _compute_dtype(x), attention_mask, slopes)
             bias = AttentionBias(mask=mask, is_causal=is_causal)
@@ -734,7 +781,9 @@ class BaichuanModel(nn.Module):
         t = x.shape[1]
         position_ids, kv_len = cache.begin(t)
         slopes = self.slopes(x.device)
-        bias = AttentionBias(mask=cache.ragged_bias(kv_len, cache.dtype, slopes))
+        attend = cache.decode_attention(slopes) if t == 1 else None
+        bias = AttentionBias(attend=attend) if attend else AttentionBias(mask=cache.ragged_bias(kv_len, cache.dtype,
+                                                                                                 slopes))
         rope = self.rope(position_ids, kv_len, x.device) if self.rope is not None else None
         for layer in self.layers:
             x = layer(x, rope=rope, bias=bias, cache=cache)

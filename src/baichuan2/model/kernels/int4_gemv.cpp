@@ -163,6 +163,6 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch
 bool supported() { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_gemv", &int4_gemv);
+  m.def("int4_gemv", &int4_gemv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("supported", &supported);
 }

@@ -124,6 +124,6 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
 bool supported() { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_gemv", &int8_gemv);
+  m.def("int8_gemv", &int8_gemv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("supported", &supported);
 }
