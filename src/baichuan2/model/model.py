@@ -217,9 +217,10 @@ class SlotKVCache:
         p = model.model.embed_tokens.weight
         cfg = model.config
         dtype = p.dtype
+        # (built here, at engine start, if it is built at all: not in the middle of the first request)
+        kernel = p.device.type == "cpu" and _decode_kernel(cfg.head_dim) is not None
         if p.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            kernel = dtype == torch.bfloat16 and _decode_kernel(cfg.head_dim) is not None
-            dtype = dtype if kernel else torch.float32
+            dtype = dtype if kernel and dtype == torch.bfloat16 else torch.float32
         return cls(cfg.num_hidden_layers, slots, cfg.num_attention_heads, cfg.head_dim, max_len, p.device, dtype,
                    kv_groups)
 
@@ -540,6 +541,8 @@ def prepack_for_inference(model: nn.Module, enable: bool = True) -> int:
     """Switch prepacked CPU inference on (or off, freeing the copies) for every `Linear` and `NormHead`
     of ``model``; returns how many weights will be packed (on their next no-grad forward)."""
     n = 0
+    if enable and any(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()):
+        _fp32_gemm()  # built now (once per machine) rather than inside the first request
     for module in model.modules():
         if isinstance(module, (Linear, NormHead)) and type(module).forward in (Linear.forward, NormHead.forward):
             module.prepack = enable
