@@ -8,6 +8,7 @@ Only where measured faster than what PyTorch ships (``benchmarks/quant_decode.py
   (as llama.cpp's Q4_0), in place of ``torch._weight_int4pack_mm_for_cpu``;
 * ``fp32_gemm``: fp32 activations times an fp32 weight packed in 48-column panels, in place of oneDNN's
   packed inner product (1.3-2x faster on one core at 16-64 rows);
+* ``decode_ops``: RMSNorm, RoPE and SiLU(gate) * up, each one pass in place of PyTorch's 4-8 operators;
 * ``decode_attention``: one new token per sequence over a slot KV cache (continuous-batching decode),
   each row reading only its own keys, in the cache's dtype (fp32 or bf16), in place of SDPA.
 
@@ -37,7 +38,8 @@ import torch
 _KERNELS = Path(__file__).parent / "kernels"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]  # OpenMP: at::parallel_for threads
 # checked at run time by each module's supported()
-_EXTRA_FLAGS = {"int4_gemv": ["-mavx512vnni", "-mfma", "-mf16c"], "int8_gemv": ["-mavx512vnni", "-mfma"]}
+_EXTRA_FLAGS = {"int4_gemv": ["-mavx512vnni", "-mfma", "-mf16c"], "int8_gemv": ["-mavx512vnni", "-mfma"],
+                "decode_ops": ["-ffp-contract=off"]}  # products rounded before sums, as PyTorch's operators
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 log = logging.getLogger(__name__)
@@ -76,6 +78,12 @@ def load_fp32_gemm() -> Any | None:
     return _load("fp32_gemm")
 
 
+def load_decode_ops() -> Any | None:
+    """The compiled module with ``rms_norm(x, w, eps)``, ``rope(x [b,t,n,d], cos, sin [b,t,d])`` and
+    ``silu_mul(gate, up)`` (see ``kernels/decode_ops.cpp``), or None."""
+    return _load("decode_ops")
+
+
 def load_decode_attention() -> Any | None:
     """The compiled ``decode_attention(q [b,H,1,D], k, v [b,KVH,>=L,D], lengths int64 [b], slopes fp32 [H] or
     empty, scale) -> fp32 [b,1,H,D]`` (see ``kernels/decode_attention.cpp``), or None."""
@@ -108,7 +116,7 @@ def _build(kernel: str) -> Any | None:
             if not module.supported():
                 reason = "this CPU lacks an instruction set it needs (" + " ".join(_EXTRA_FLAGS.get(kernel, ["-mavx512bw"])) + ")"
             else:
-                return getattr(module, kernel)
+                return getattr(module, kernel, module)  # one function, or a module of several
         except Exception as exc:  # any build problem: the PyTorch kernel is correct, only slower
             reason = f"build failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
     log.info("%s CPU kernel not used (%s); using PyTorch's kernel", kernel, reason)

@@ -92,10 +92,26 @@ class RotaryEmbedding(nn.Module):
         return cos[position_ids][:, :, None, None], sin[position_ids][:, :, None, None]
 
 
+def _fused_ops(x: torch.Tensor):
+    """Our fused CPU kernels (``kernels/decode_ops.cpp``) for an inference operation on ``x``, or None: with
+    grad, under torch.compile, off the CPU, in other dtypes, or with the kernels off or unbuildable."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+            or x.stride(-1) != 1 or torch.compiler.is_compiling()):
+        return None
+    from baichuan2.model import cpu_kernels
+
+    return cpu_kernels.load_decode_ops()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [b, t, ..., head_dim] in fp32 and cast back.
 
     GPT-NeoX "half" convention (not interleaved), identical to HF Baichuan 2-7B and Llama."""
+    ops = _fused_ops(x) if x.shape[-1] % 32 == 0 else None
+    if ops is not None:  # one pass, the same products and sums (cos/sin [b|1, t, 1.., d] -> [b, t, d])
+        b, t, d = x.shape[0], x.shape[1], x.shape[-1]
+        cos, sin = (c.reshape(c.shape[0], t, d).expand(b, t, d) for c in (cos, sin))
+        return ops.rope(x.reshape(b, t, -1, d), cos, sin).view(x.shape)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -565,6 +581,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _fused_ops(x) if self.weight.dtype == x.dtype and x.shape[-1] % 16 == 0 else None
+        if ops is not None:  # inference on CPU: the same computation in one pass
+            return ops.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -634,7 +653,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        ops = _fused_ops(gate) if gate.shape[-1] % 16 == 0 and up.stride(-1) == 1 else None
+        return self.down_proj(ops.silu_mul(gate, up) if ops is not None else F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

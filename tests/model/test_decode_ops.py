@@ -1,0 +1,91 @@
+"""The fused CPU inference operators (RMSNorm, RoPE, SiLU(gate) * up): the numbers of the modules' PyTorch
+code (bit for bit where no sum or exp is involved), used only without grad, and a model running them
+gives PyTorch's logits."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baichuan2.model import Baichuan, ModelConfig, cpu_kernels
+from baichuan2.model import model as model_module
+from baichuan2.model.model import RMSNorm, RotaryEmbedding, apply_rope
+
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and shutil.which("c++") is not None
+pytestmark = pytest.mark.skipif(not AVX512, reason="the fused operators need AVX-512 and a compiler")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def test_the_kernel_builds_where_it_can():
+    assert (cpu_kernels.load_decode_ops() is not None) == cpu_kernels.enabled()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_is_the_modules_computation(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(576).to(dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    x = torch.randn(7, 3, 576).to(dtype) * 4
+    with torch.no_grad():
+        fused = norm(x)
+    reference = norm(x)  # with grad: PyTorch's operators
+    assert reference.requires_grad and not fused.requires_grad
+    if dtype == torch.bfloat16:  # the mean of squares may differ in its last fp32 bit: invisible in bf16
+        assert torch.equal(fused, reference)
+    else:
+        torch.testing.assert_close(fused, reference, rtol=2e-6, atol=2e-6)
+    for i in range(7):  # rows alone give their own numbers
+        with torch.no_grad():
+            assert torch.equal(norm(x[i:i + 1]), fused[i:i + 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["qk", "grouped", "broadcast"])
+def test_rope_is_apply_rope_bit_for_bit(dtype, layout):
+    torch.manual_seed(1)
+    rope = RotaryEmbedding(64, 256)
+    if layout == "qk":  # [b, t, q|k, heads, d] with [b, t, 1, 1, d] tables (the 7B path)
+        x, pos = torch.randn(2, 5, 2, 9, 64), torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+        cos, sin = rope(pos, 256, torch.device("cpu"))
+    else:  # [b, t, heads, d] with [b|1, t, 1, d] tables (grouped heads; one position row for every sequence)
+        x = torch.randn(3, 4, 9, 64)
+        pos = torch.tensor([[5, 6, 7, 8], [0, 1, 2, 3], [200, 201, 202, 203]]) if layout == "grouped" else \
+            torch.arange(4)[None]
+        cos, sin = (c.squeeze(2) for c in rope(pos, 256, torch.device("cpu")))
+    x = (x * 3).to(dtype)
+    with torch.no_grad():
+        fused = apply_rope(x, cos, sin)
+    reference = apply_rope(x.requires_grad_(), cos, sin)
+    assert torch.equal(fused, reference.detach())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_is_silu_times_up(dtype):
+    torch.manual_seed(2)
+    ops = cpu_kernels.load_decode_ops()
+    gate, up = (torch.randn(9, 1536) * 4).to(dtype), torch.randn(9, 1536).to(dtype)
+    fused, reference = ops.silu_mul(gate, up), F.silu(gate) * up
+    if dtype == torch.bfloat16:  # exp may differ in the last fp32 bit: at most one bf16 step, rarely
+        diff = (fused.float() - reference.float()).abs()
+        assert (diff <= reference.float().abs() * 2**-7 + 1e-30).all() and (fused != reference).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        ops.silu_mul(gate, up[:, :16])
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_model_gives_pytorchs_logits_through_the_fused_operators(monkeypatch, position, dtype):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=64, position_embedding=position)
+    model = Baichuan(cfg).to(dtype).eval()
+    ids = torch.randint(3, 300, (3, 11))
+    with torch.no_grad():
+        fused = model(ids).logits.float()
+        monkeypatch.setattr(model_module, "_fused_ops", lambda x: None)
+        plain = model(ids).logits.float()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused, plain, atol=tol * plain.abs().max().item(), rtol=0)
