@@ -104,7 +104,8 @@ def _build(kernel: str) -> Any | None:
     if reason is None:
         source = _KERNELS / f"{kernel}.cpp"
         flags = _FLAGS + _EXTRA_FLAGS.get(kernel, [])
-        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+        headers = b"".join(h.read_bytes() for h in sorted(_KERNELS.glob("*.h")))  # what the sources include
+        digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:12]
         name = f"baichuan2_{kernel}_{digest}"
         try:
             from torch.utils import cpp_extension
@@ -112,7 +113,8 @@ def _build(kernel: str) -> Any | None:
             if not _built(cpp_extension, name):
                 print(f"baichuan2: compiling the {kernel} CPU kernel (once per machine, ~30 s) ...", file=sys.stderr,
                       flush=True)
-            module = cpp_extension.load(name, [str(source)], extra_cflags=flags, verbose=False)
+            module = cpp_extension.load(name, [str(source)], extra_cflags=flags, extra_include_paths=[str(_KERNELS)],
+                                        verbose=False)
             if not module.supported():
                 reason = "this CPU lacks an instruction set it needs (" + " ".join(_EXTRA_FLAGS.get(kernel, ["-mavx512bw"])) + ")"
             else:
