@@ -7,7 +7,7 @@ Only where measured faster than what PyTorch ships (``benchmarks/quant_decode.py
 * ``int4_gemv``: a group-wise int4 matrix against int8-quantised activations with VNNI dot products
   (as llama.cpp's Q4_0), in place of ``torch._weight_int4pack_mm_for_cpu``;
 * ``fp32_gemm``: fp32 activations times an fp32 weight packed in 48-column panels, in place of oneDNN's
-  packed inner product (1.3-2x faster on one core at 16-64 rows);
+  packed inner product (1.4-1.6x faster on one core at 16-64 rows, weights read from memory);
 * ``decode_ops``: RMSNorm, RoPE and SiLU(gate) * up, each one pass in place of PyTorch's 4-8 operators;
 * ``decode_attention``: one new token per sequence over a slot KV cache (continuous-batching decode),
   each row reading only its own keys, in the cache's dtype (fp32 or bf16), in place of SDPA.
@@ -16,8 +16,8 @@ Every kernel releases the GIL while it runs, as PyTorch's own operators do: the 
 detokenisation) then runs on the other core meanwhile instead of queueing behind the scheduler thread.
 
 Every kernel has a PyTorch fallback: no AVX-512 (``torch.backends.cpu.get_cpu_capability()``), no
-compiler, a failed build, or ``BAICHUAN2_CPU_KERNELS=0`` give ``None`` from the ``load_*()`` functions and the caller uses its PyTorch path. Each build (~30 s, once per machine and
-source version) goes to
+compiler, a failed build, or ``BAICHUAN2_CPU_KERNELS=0`` give ``None`` from the ``load_*()`` functions
+and the caller uses its PyTorch path. Each build (~30 s, once per machine and source version) goes to
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); concurrent builders wait on
 its file lock.
 """
@@ -116,7 +116,8 @@ def _build(kernel: str) -> Any | None:
             module = cpp_extension.load(name, [str(source)], extra_cflags=flags, extra_include_paths=[str(_KERNELS)],
                                         verbose=False)
             if not module.supported():
-                reason = "this CPU lacks an instruction set it needs (" + " ".join(_EXTRA_FLAGS.get(kernel, ["-mavx512bw"])) + ")"
+                needs = " ".join(_EXTRA_FLAGS.get(kernel, ["-mavx512bw"]))
+                reason = f"this CPU lacks an instruction set it needs ({needs})"
             else:
                 return getattr(module, kernel, module)  # one function, or a module of several
         except Exception as exc:  # any build problem: the PyTorch kernel is correct, only slower

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from baichuan2.model import cpu_kernels
 from baichuan2.model.config import ModelConfig
 
 IGNORE_INDEX = -100
@@ -98,8 +99,6 @@ def _fused_ops(x: torch.Tensor):
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
             or x.stride(-1) != 1 or torch.compiler.is_compiling()):
         return None
-    from baichuan2.model import cpu_kernels
-
     return cpu_kernels.load_decode_ops()
 
 
@@ -338,8 +337,6 @@ def _decode_kernel(head_dim: int):
     """Our compiled CPU decode-attention kernel for this head size, or None (then SDPA is used)."""
     if head_dim % 16 or not 16 <= head_dim <= 128 and head_dim != 256:  # the sizes the kernel is built for
         return None
-    from baichuan2.model import cpu_kernels
-
     return cpu_kernels.load_decode_attention()
 
 
@@ -455,8 +452,8 @@ class PrepackedWeight:
 
     Why: PyTorch's fp32 CPU matmul goes through MKL, which runs its slow generic kernels on AMD CPUs and
     re-packs the weight on every call; a weight packed once is 3-4x faster at decode batch sizes (8-64
-    rows).  fp32 weights go to our AVX-512 kernel (``kernels/fp32_gemm.cpp``: 48-column panels, 1.1-1.4x
-    oneDNN's packed inner product on one core), else to oneDNN's blocked layout; bf16 weights to oneDNN,
+    rows).  fp32 weights go to our AVX-512 kernel (``kernels/fp32_gemm.cpp``: 48-column panels, 1.4-1.6x
+    oneDNN's packed inner product on one core at 16-64 rows), else to oneDNN's blocked layout; bf16 weights to oneDNN,
     which uses the AVX512-BF16/AMX kernels (2x faster than ``F.linear`` at batch 1 on the 125,696-row
     vocabulary head).  A packed row's result does not depend on how many rows share the call, so batched
     and unbatched decoding agree exactly.
@@ -482,7 +479,7 @@ class PrepackedWeight:
         if self.key != key:
             self.packed = None  # free the stale copy before building the new one
             source = w.detach() if transform is None else transform(w.detach())
-            self.gemm = _fp32_gemm() if source.dtype == torch.float32 else None
+            self.gemm = cpu_kernels.load_fp32_gemm() if source.dtype == torch.float32 else None
             self.rows = source.shape[0]
             if self.gemm is not None:  # [ceil(N/48), K, 48] panels, zero-padded columns
                 panels = -(-self.rows // 48)
@@ -510,12 +507,6 @@ class PrepackedWeight:
 
     def __getstate__(self) -> dict:
         return {"key": None, "packed": None, "gemm": None, "rows": 0}
-
-
-def _fp32_gemm():
-    from baichuan2.model import cpu_kernels
-
-    return cpu_kernels.load_fp32_gemm()
 
 
 def _use_prepacked(module: nn.Module, w: torch.Tensor) -> bool:
@@ -558,7 +549,7 @@ def prepack_for_inference(model: nn.Module, enable: bool = True) -> int:
     of ``model``; returns how many weights will be packed (on their next no-grad forward)."""
     n = 0
     if enable and any(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()):
-        _fp32_gemm()  # built now (once per machine) rather than inside the first request
+        cpu_kernels.load_fp32_gemm()  # built now (once per machine) rather than inside the first request
     for module in model.modules():
         if isinstance(module, (Linear, NormHead)) and type(module).forward in (Linear.forward, NormHead.forward):
             module.prepack = enable
