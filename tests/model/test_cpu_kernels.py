@@ -1,4 +1,4 @@
-"""The hand-written AVX-512 VNNI int8 and int4 kernels: exact against a reference that quantises the
+"""The hand-written GEMM kernels (AVX-512 VNNI int8 and int4, AVX-512 fp32, AMX bf16). The int8/int4 ones: exact against a reference that quantises the
 activations the same way, within 1% of the dequantised weights' exact product, the same numbers for a
 row whatever else is in the batch, never under autograd, and replaced by PyTorch's kernels when they
 are switched off."""
@@ -14,13 +14,16 @@ from baichuan2.model import cpu_kernels
 from baichuan2.model.quant import Int4Linear, Int8Linear, unpack_nibbles
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and shutil.which("c++") is not None
-VNNI = AVX512 and "avx512_vnni" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+CPUINFO = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+VNNI = AVX512 and "avx512_vnni" in CPUINFO
+AMX = AVX512 and "amx_bf16" in CPUINFO and "avx512_bf16" in CPUINFO
 
 
 def test_the_kernel_builds_where_it_can():
     # a machine with AVX-512 and a compiler (CI's) must get the fast kernel, not the quiet fallback
-    for load in (cpu_kernels.load_int8_gemv, cpu_kernels.load_int4_gemv):
-        if VNNI and cpu_kernels.enabled():
+    for load, can in ((cpu_kernels.load_int8_gemv, VNNI), (cpu_kernels.load_int4_gemv, VNNI),
+                      (cpu_kernels.load_bf16_gemm, AMX), (cpu_kernels.load_fp32_gemm, AVX512)):
+        if can and cpu_kernels.enabled():
             assert load() is not None
         else:
             assert load() is None
@@ -203,4 +206,49 @@ def test_fp32_gemm_equals_float64_and_rows_do_not_interact(n, k):
     y3 = packed.linear(wide[:6, :k].reshape(2, 3, k), w)  # [batch, tokens, k] as the model calls it
     assert torch.equal(y3.reshape(6, n), packed.linear(wide[:6, :k], w))
     assert packed.linear(torch.randn(2, k).bfloat16(), w.bfloat16()).shape == (2, n)
-    assert packed.gemm is None  # bf16 weights stay with oneDNN (AMX / AVX512-BF16)
+    assert packed.gemm is cpu_kernels.load_bf16_gemm()  # bf16 weights: our AMX kernel where it runs, else oneDNN
+
+
+@pytest.mark.skipif(not AMX, reason="the bf16 kernel needs AMX-BF16 and a compiler")
+@pytest.mark.parametrize("n,k", [(1, 16), (47, 33), (32, 576), (100, 64), (1536, 576), (576, 1536)])
+def test_bf16_gemm_is_the_exact_product_rounded_once_and_rows_do_not_interact(n, k):
+    from baichuan2.model.model import PrepackedWeight
+
+    torch.manual_seed(n + k)
+    w = torch.randn(n, k).bfloat16()
+    packed = PrepackedWeight()
+    wide = torch.randn(300, k + 7).bfloat16()  # rows further apart than k: a strided x is copied, not misread
+    for rows in (1, 3, 16, 17, 32, 33, 64, 300):
+        for x in (wide[:rows, 3:3 + k], wide[:rows, :k].contiguous()):
+            y = packed.linear(x, w)
+            assert packed.gemm is cpu_kernels.load_bf16_gemm() is not None
+            # products of bf16 numbers are exact in fp32; the fp32 sums differ from float64 by far less
+            # than the final rounding to bf16 (2^-8 relative)
+            ref = x.double() @ w.double().t()
+            assert y.shape == (rows, n) and y.dtype == torch.bfloat16
+            assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * k ** 0.5).all()
+            for i in (0, rows // 2, rows - 1):  # a row's output is its own, whatever else is in the call
+                assert torch.equal(packed.linear(x[i:i + 1], w)[0], y[i])
+    big = torch.randn(600, k).bfloat16()  # over 256 rows: swept in 256-row chunks, the same numbers
+    assert torch.equal(packed.linear(big, w)[300:310], packed.linear(big[300:310], w))
+    assert packed.linear(torch.zeros(0, k).bfloat16(), w).shape == (0, n)
+
+
+@pytest.mark.skipif(not AMX, reason="the bf16 kernel needs AMX-BF16 and a compiler")
+def test_bf16_gemm_refuses_bad_arguments():
+    gemm = cpu_kernels.load_bf16_gemm()
+    packed = torch.zeros(1, 2, 2, 16, 16, 2, dtype=torch.bfloat16)  # N <= 32, K in 33..64
+    assert gemm(torch.ones(2, 64, dtype=torch.bfloat16), packed, 5).shape == (2, 5)
+    with pytest.raises(RuntimeError, match="x must be bf16"):
+        gemm(torch.ones(2, 64), packed, 5)
+    with pytest.raises(RuntimeError, match="does not match"):
+        gemm(torch.ones(2, 96, dtype=torch.bfloat16), packed, 5)  # K too large for the packed weight
+    with pytest.raises(RuntimeError, match="does not match"):
+        gemm(torch.ones(2, 64, dtype=torch.bfloat16), packed, 40)  # N too large
+
+
+def test_one_kernel_can_be_switched_off_by_name(monkeypatch):
+    monkeypatch.setenv("BAICHUAN2_CPU_KERNELS_OFF", "bf16_gemm, fp32_gemm")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.load_bf16_gemm() is None and cpu_kernels.load_fp32_gemm() is None
+    assert (cpu_kernels.load_decode_ops() is not None) == AVX512  # the others stay on

@@ -1,4 +1,4 @@
-"""The fused CPU inference operators (RMSNorm, RoPE, SiLU(gate) * up): the numbers of the modules' PyTorch
+"""The fused CPU inference operators (RMSNorm, RoPE, SiLU(gate) * up, greedy argmax): the numbers of the modules' PyTorch
 code (bit for bit where no sum or exp is involved), used only without grad, and a model running them
 gives PyTorch's logits."""
 
@@ -75,6 +75,31 @@ def test_silu_mul_is_silu_times_up(dtype):
         ops.silu_mul(gate, up[:, :16])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_rows_is_torch_max_indices(dtype):
+    from baichuan2.model.generate import greedy_tokens
+
+    ops = cpu_kernels.load_decode_ops()
+    torch.manual_seed(0)
+    for width in (1, 5, 16, 17, 33, 49152, 125696):  # whole vectors, tails, a vocabulary
+        x = torch.randn(9, width).to(dtype)
+        assert torch.equal(ops.argmax_rows(x), x.max(-1).indices)
+    x = torch.randn(4, 100).to(dtype)
+    x[0] = float("-inf")  # nothing above -inf: the first index
+    x[1, [10, 70]] = 50.0  # ties: the first of them, across and within vector lanes
+    x[2, [3, 19]] = 50.0
+    x[3, [20, 90]] = float("nan")  # NaN counts as the maximum (torch.max): the first NaN
+    assert ops.argmax_rows(x).tolist() == x.max(-1).indices.tolist() == [0, 10, 3, 20]
+    wide = torch.randn(6, 300).to(dtype)
+    assert torch.equal(ops.argmax_rows(wide[:, 7:207]), wide[:, 7:207].max(-1).indices)  # row stride > width
+    with torch.no_grad():
+        assert torch.equal(greedy_tokens(wide[:, :250]), wide[:, :250].argmax(-1))
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.argmax_rows(wide.t())
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        ops.argmax_rows(torch.zeros(2, 0))
+
+
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_model_gives_pytorchs_logits_through_the_fused_operators(monkeypatch, position, dtype):
@@ -85,7 +110,7 @@ def test_a_model_gives_pytorchs_logits_through_the_fused_operators(monkeypatch, 
     ids = torch.randint(3, 300, (3, 11))
     with torch.no_grad():
         fused = model(ids).logits.float()
-        monkeypatch.setattr(model_module, "_fused_ops", lambda x: None)
+        monkeypatch.setattr(model_module, "fused_cpu_ops", lambda x: None)
         plain = model(ids).logits.float()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fused, plain, atol=tol * plain.abs().max().item(), rtol=0)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from baichuan2.model.model import (Baichuan, KVCache, PrepackedWeight, SlotKVCache, kv_head_groups,
+from baichuan2.model.model import (Baichuan, KVCache, PrepackedWeight, SlotKVCache, fused_cpu_ops, kv_head_groups,
                                    prepack_for_inference)
 
 
@@ -128,8 +128,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """``argmax`` over the last dimension (first maximum on ties, as argmax): ``max(dim).indices`` is the
-    same answer from PyTorch's faster CPU reduction (2.6 vs 4.4 ms on [16, 125696] here)."""
+    """``argmax`` over the last dimension (first maximum on ties, as argmax).  On CPU our one-pass kernel
+    (``argmax_rows``, ~10x PyTorch's reduction: 8 ms -> under 1 ms for 64 rows of a 49k vocabulary), else
+    ``max(dim).indices``: the same answer from PyTorch's faster CPU reduction (2.6 vs 4.4 ms for argmax
+    on [16, 125696])."""
+    ops = fused_cpu_ops(logits) if logits.dim() == 2 and logits.shape[-1] > 0 else None
+    if ops is not None:
+        return ops.argmax_rows(logits)
     return logits.max(dim=-1).indices
 
 

@@ -93,7 +93,7 @@ class RotaryEmbedding(nn.Module):
         return cos[position_ids][:, :, None, None], sin[position_ids][:, :, None, None]
 
 
-def _fused_ops(x: torch.Tensor):
+def fused_cpu_ops(x: torch.Tensor):
     """Our fused CPU kernels (``kernels/decode_ops.cpp``) for an inference operation on ``x``, or None: with
     grad, under torch.compile, off the CPU, in other dtypes, or with the kernels off or unbuildable."""
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
@@ -106,7 +106,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` [b, t, ..., head_dim] in fp32 and cast back.
 
     GPT-NeoX "half" convention (not interleaved), identical to HF Baichuan 2-7B and Llama."""
-    ops = _fused_ops(x) if x.shape[-1] % 32 == 0 else None
+    ops = fused_cpu_ops(x) if x.shape[-1] % 32 == 0 else None
     if ops is not None:  # one pass, the same products and sums (cos/sin [b|1, t, 1.., d] -> [b, t, d])
         b, t, d = x.shape[0], x.shape[1], x.shape[-1]
         cos, sin = (c.reshape(c.shape[0], t, d).expand(b, t, d) for c in (cos, sin))
@@ -453,9 +453,9 @@ class PrepackedWeight:
     Why: PyTorch's fp32 CPU matmul goes through MKL, which runs its slow generic kernels on AMD CPUs and
     re-packs the weight on every call; a weight packed once is 3-4x faster at decode batch sizes (8-64
     rows).  fp32 weights go to our AVX-512 kernel (``kernels/fp32_gemm.cpp``: 48-column panels, 1.4-1.6x
-    oneDNN's packed inner product on one core at 16-64 rows), else to oneDNN's blocked layout; bf16 weights to oneDNN,
-    which uses the AVX512-BF16/AMX kernels (2x faster than ``F.linear`` at batch 1 on the 125,696-row
-    vocabulary head).  A packed row's result does not depend on how many rows share the call, so batched
+    oneDNN's packed inner product on one core at 16-64 rows), bf16 weights to our AMX kernel
+    (``kernels/bf16_gemm.cpp``: 1.1-2.3x oneDNN at 1-64 rows); without those, to oneDNN's blocked layout
+    (AVX512-BF16/AMX for bf16: 2x faster than ``F.linear`` at batch 1 on the 125,696-row vocabulary head).  A packed row's result does not depend on how many rows share the call, so batched
     and unbatched decoding agree exactly.
     The copy costs the weight's memory once more; it is an inference cache only: never in a state dict,
     not copied by ``deepcopy``/pickle, keyed on the weight's storage and version counter, and dropped by
@@ -479,12 +479,17 @@ class PrepackedWeight:
         if self.key != key:
             self.packed = None  # free the stale copy before building the new one
             source = w.detach() if transform is None else transform(w.detach())
-            self.gemm = cpu_kernels.load_fp32_gemm() if source.dtype == torch.float32 else None
-            self.rows = source.shape[0]
-            if self.gemm is not None:  # [ceil(N/48), K, 48] panels, zero-padded columns
+            fp32 = source.dtype == torch.float32
+            self.gemm = cpu_kernels.load_fp32_gemm() if fp32 else cpu_kernels.load_bf16_gemm()
+            self.rows, cols = source.shape
+            if self.gemm is not None and fp32:  # [ceil(N/48), K, 48] panels, zero-padded columns
                 panels = -(-self.rows // 48)
                 self.packed = (F.pad(source, (0, 0, 0, panels * 48 - self.rows))
-                               .view(panels, 48, source.shape[1]).transpose(1, 2).contiguous())
+                               .view(panels, 48, cols).transpose(1, 2).contiguous())
+            elif self.gemm is not None:  # [ceil(N/32), ceil(K/32), 2, 16, 16, 2]: AMX tiles, k pairs innermost
+                panels, steps = -(-self.rows // 32), -(-cols // 32)
+                self.packed = (F.pad(source, (0, steps * 32 - cols, 0, panels * 32 - self.rows))
+                               .view(panels, 2, 16, steps, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous())
             else:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), 16)
             self.key = key
@@ -572,7 +577,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _fused_ops(x) if self.weight.dtype == x.dtype and x.shape[-1] % 16 == 0 else None
+        ops = fused_cpu_ops(x) if self.weight.dtype == x.dtype and x.shape[-1] % 16 == 0 else None
         if ops is not None:  # inference on CPU: the same computation in one pass
             return ops.rms_norm(x, self.weight, self.eps)
         xf = x.float()
@@ -645,7 +650,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        ops = _fused_ops(gate) if gate.shape[-1] % 16 == 0 and up.stride(-1) == 1 else None
+        ops = fused_cpu_ops(gate) if gate.shape[-1] % 16 == 0 and up.stride(-1) == 1 else None
         return self.down_proj(ops.silu_mul(gate, up) if ops is not None else F.silu(gate) * up)
 
 

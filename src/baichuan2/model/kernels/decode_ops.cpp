@@ -153,6 +153,72 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return y.view(gate.sizes());
 }
 
+// 16 values of a row tail (n < 16 left) as fp32, the missing lanes -inf (never a row's maximum)
+static inline __m512 load_tail(const float* p, __mmask16 m) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, p);
+}
+static inline __m512 load_tail(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), v);
+}
+
+// Greedy decoding's argmax: the first index of each row's maximum, a NaN counting as the maximum (as
+// torch.max(dim).indices). One pass over [R, V] logits (rows contiguous; PyTorch's reduction over the last
+// dimension measured ~0.4 G values/s here, 8 ms for 64 rows of a 49k vocabulary).
+// Lane j keeps the largest value it has seen at j, j + 16, ... and where (a strict > keeps the first);
+// ties between lanes go to the lower index.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0 &&
+                  (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "argmax_rows: x must be fp32 or bf16 [rows, n > 0] with contiguous rows");
+  TORCH_CHECK(x.size(1) < (int64_t(1) << 31), "argmax_rows: rows of 2^31 values or more");
+  const int64_t R = x.size(0), V = x.size(1), ld = x.stride(0);
+  auto out = torch::empty({R}, x.options().dtype(torch::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  auto run = [&](auto* xp) {
+    at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const auto* p = xp + r * ld;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i where = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        __m512i at = where;
+        const __m512i step = _mm512_set1_epi32(16);
+        int64_t nan_at = -1;
+        for (int64_t i = 0; i < V; i += 16) {
+          const __m512 v = V - i >= 16 ? load16(p + i) : load_tail(p + i, (__mmask16)((1u << (V - i)) - 1));
+          const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          if (nan) {  // the first NaN is the answer
+            nan_at = i + __builtin_ctz(nan);
+            break;
+          }
+          const __mmask16 more = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+          best = _mm512_mask_mov_ps(best, more, v);
+          where = _mm512_mask_mov_epi32(where, more, at);
+          at = _mm512_add_epi32(at, step);
+        }
+        if (nan_at >= 0) {
+          op[r] = nan_at;
+          continue;
+        }
+        alignas(64) float bv[16];
+        alignas(64) int32_t bi[16];
+        _mm512_store_ps(bv, best);
+        _mm512_store_si512(bi, where);
+        int j = 0;
+        for (int l = 1; l < 16; ++l)
+          if (bv[l] > bv[j] || (bv[l] == bv[j] && bi[l] < bi[j])) j = l;
+        op[r] = bi[j];
+      }
+    });
+  };
+  if (x.scalar_type() == torch::kFloat)
+    run(x.data_ptr<float>());
+  else
+    run(x.data_ptr<at::BFloat16>());
+  return out;
+}
+
 bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -160,5 +226,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, release(), "RMSNorm as the model's module (fp32 / bf16)");
   m.def("rope", &rope, release(), "RoPE as apply_rope (fp32 / bf16)");
   m.def("silu_mul", &silu_mul, release(), "silu(gate) * up (fp32 / bf16)");
+  m.def("argmax_rows", &argmax_rows, release(), "first index of each row's maximum (fp32 / bf16)");
   m.def("supported", &supported, "the CPU runs this kernel");
 }
