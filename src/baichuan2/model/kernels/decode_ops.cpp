@@ -14,6 +14,7 @@
 #include "avx512_common.h"
 
 #include <cmath>
+#include <cstring>
 
 static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 // fp32 -> bf16 rounding to nearest even, NaN kept quiet (what PyTorch's conversion does)
@@ -41,33 +42,37 @@ static void check_rows(const torch::Tensor& x, int64_t width, const char* what) 
               ": dtype must be float32 or bfloat16");
 }
 
-// RMSNorm as the model's module: w * (x * rsqrt(mean(x^2) + eps)) with x in fp32, the normalised value
-// rounded to x's dtype before the (dtype) product with w.
+// RMSNorm of one row as the model's module: w * (x * rsqrt(mean(x^2) + eps)) with x in fp32, the normalised
+// value rounded to x's dtype before the (dtype) product with w.
+template <typename T>
+static inline void rms_row(const T* xp, const T* wp, T* yp, int64_t H, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    __m512 v = load16(xp + i);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / (float)H + eps);
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int64_t i = 0; i < H; i += 16)
+    store16(yp + i, _mm512_mul_ps(load16(wp + i), as_dtype<T>(_mm512_mul_ps(load16(xp + i), iv))));
+}
+
+static void check_norm_weight(const torch::Tensor& x, const torch::Tensor& w, int64_t H, const char* what) {
+  TORCH_CHECK(H % 16 == 0, what, ": width must be a multiple of 16");
+  check_rows(x, H, what);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == H && w.scalar_type() == x.scalar_type() && w.is_contiguous(), what,
+              ": weight must be [width] in x's dtype");
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   const int64_t H = x.size(-1);
-  TORCH_CHECK(H % 16 == 0, "rms_norm: width must be a multiple of 16");
-  check_rows(x, H, "rms_norm");
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == H && w.scalar_type() == x.scalar_type() && w.is_contiguous(),
-              "rms_norm: weight must be [width] in x's dtype");
+  check_norm_weight(x, w, H, "rms_norm");
   auto xc = x.reshape({-1, H});
   auto y = torch::empty({xc.size(0), H}, x.options());
   auto run = [&](auto* xp0, auto* wp, auto* yp0) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp0)>>;
     const int64_t ld = xc.stride(0);
     at::parallel_for(0, xc.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const T* xp = xp0 + r * ld;
-        T* yp = yp0 + r * H;
-        __m512 ss = _mm512_setzero_ps();
-        for (int64_t i = 0; i < H; i += 16) {
-          __m512 v = load16(xp + i);
-          ss = _mm512_fmadd_ps(v, v, ss);
-        }
-        const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / (float)H + (float)eps);
-        const __m512 iv = _mm512_set1_ps(inv);
-        for (int64_t i = 0; i < H; i += 16)
-          store16(yp + i, _mm512_mul_ps(load16(wp + i), as_dtype<T>(_mm512_mul_ps(load16(xp + i), iv))));
-      }
+      for (int64_t r = begin; r < end; ++r) rms_row(xp0 + r * ld, wp, yp0 + r * H, H, (float)eps);
     });
   };
   if (x.scalar_type() == torch::kFloat)
@@ -77,12 +82,56 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y.view(x.sizes());
 }
 
+// The residual stream's step between sublayers: x += y in place (rounded to x's dtype, as ``x + y``), then
+// returns rms_norm(x, w). x [R, H] contiguous, y [R, H] (rows may be strided), same dtype.
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps) {
+  const int64_t H = x.size(-1);
+  check_norm_weight(x, w, H, "add_rms_norm");
+  check_rows(y, H, "add_rms_norm");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
+                  y.scalar_type() == x.scalar_type(),
+              "add_rms_norm: x must be contiguous [rows, width], y [rows, width] in x's dtype");
+  auto out = torch::empty_like(x);
+  auto run = [&](auto* xp0, auto* yp0, auto* wp, auto* op0) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp0)>>;
+    const int64_t ldy = y.stride(0);
+    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* xp = xp0 + r * H;
+        const T* yp = yp0 + r * ldy;
+        for (int64_t i = 0; i < H; i += 16) store16(xp + i, _mm512_add_ps(load16(xp + i), load16(yp + i)));
+        rms_row(xp, wp, op0 + r * H, H, (float)eps);
+      }
+    });
+  };
+  if (x.scalar_type() == torch::kFloat)
+    run(x.data_ptr<float>(), y.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>());
+  else
+    run(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(),
+        out.data_ptr<at::BFloat16>());
+  return out;
+}
+
+// One head of RoPE: first half x1*cos - x2*sin, second x2*cos + x1*sin (products rounded, then the sum:
+// no FMA, as PyTorch's separate operators)
+template <typename T>
+static inline void rotate_head(const T* xp, T* yp, const float* c, const float* s, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 x1 = load16(xp + i), x2 = load16(xp + half + i);
+    store16(yp + i, _mm512_add_ps(_mm512_mul_ps(x1, load16(c + i)),
+                                  _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16(s + i))));
+    store16(yp + half + i, _mm512_add_ps(_mm512_mul_ps(x2, load16(c + half + i)),
+                                         _mm512_mul_ps(x1, load16(s + half + i))));
+  }
+}
+
 // RoPE ("half" convention) as apply_rope: (x*cos + rotate(x)*sin) in fp32, rounded to x's dtype.
 // x [b, t, n, d] (last dimension contiguous), cos/sin [b, t, d] fp32 (any b/t strides, last contiguous).
 // Returns a contiguous [b, t, n, d].
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(x.dim() == 4, "rope: x must be [b, t, heads, d]");
-  const int64_t B = x.size(0), T_ = x.size(1), N = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t B = x.size(0), T_ = x.size(1), N = x.size(2), D = x.size(3);
   check_rows(x, D, "rope");
   TORCH_CHECK(D % 32 == 0, "rope: head_dim must be a multiple of 32");
   TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.size(0) == B && cos.size(1) == T_ &&
@@ -102,14 +151,7 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
         for (int64_t h = 0; h < N; ++h) {
           const T* xp = xp0 + b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
           T* yp = yp0 + ((b * T_ + t) * N + h) * D;
-          for (int64_t i = 0; i < half; i += 16) {
-            const __m512 x1 = load16(xp + i), x2 = load16(xp + half + i);
-            // first half: x1*cos - x2*sin; second: x2*cos + x1*sin (products rounded, then the sum: no FMA)
-            store16(yp + i, _mm512_add_ps(_mm512_mul_ps(x1, load16(c + i)),
-                                          _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16(s + i))));
-            store16(yp + half + i, _mm512_add_ps(_mm512_mul_ps(x2, load16(c + half + i)),
-                                                 _mm512_mul_ps(x1, load16(s + half + i))));
-          }
+          rotate_head(xp, yp, c, s, D);
         }
       }
     });
@@ -119,6 +161,64 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   else
     run(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
   return y;
+}
+
+// One decoding step's attention input, in one pass: qkv [R, (H + 2*KVH) * D] (the fused projection's output:
+// query heads, then key heads, then value heads; rows may be strided) -> the queries rotated by RoPE, returned
+// as [R, H, D]; the keys rotated and the values copied straight into the cache at each row's own position
+// (keys/values [slots, KVH, L, D], contiguous, the model's dtype; row r writes position starts[r]). cos/sin
+// fp32 [R, D] (the rows' positions), or empty for a model without RoPE (ALiBi): nothing is rotated. The same
+// arithmetic as rope() + the cache's index_copy_, without the separate operators and the copies between them.
+torch::Tensor rope_append(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor keys,
+                          torch::Tensor values, torch::Tensor starts, int64_t H) {
+  TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
+                  keys.scalar_type() == values.scalar_type(),
+              "rope_append: keys/values must be contiguous [slots, kv_heads, length, head_dim] of one dtype");
+  const int64_t KVH = keys.size(1), L = keys.size(2), D = keys.size(3), R = qkv.size(0);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (H + 2 * KVH) * D && qkv.stride(1) == 1 &&
+                  qkv.scalar_type() == keys.scalar_type(),
+              "rope_append: qkv must be [rows, (heads + 2 kv_heads) * head_dim] in the cache's dtype");
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat || qkv.scalar_type() == torch::kBFloat16,
+              "rope_append: dtype must be float32 or bfloat16");
+  TORCH_CHECK(D % 32 == 0 && H % KVH == 0 && R <= keys.size(0), "rope_append: head_dim / heads / rows");
+  const bool rotate = cos.numel() > 0;
+  if (rotate)
+    TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == R && cos.size(1) == D &&
+                    cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat &&
+                    cos.stride(1) == 1 && sin.stride(1) == 1,
+                "rope_append: cos/sin must be fp32 [rows, head_dim]");
+  TORCH_CHECK(starts.scalar_type() == torch::kLong && starts.numel() == R, "rope_append: starts");
+  auto st = starts.contiguous();
+  const int64_t* sp = st.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(sp[r] >= 0 && sp[r] < L, "rope_append: position out of range");
+  auto q = torch::empty({R, H, D}, qkv.options());
+  auto run = [&](auto* in0, auto* q0, auto* k0, auto* v0) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(in0)>>;
+    const int64_t ld = qkv.stride(0);
+    at::parallel_for(0, R, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* in = in0 + r * ld;
+        const float* c = rotate ? cos.data_ptr<float>() + r * cos.stride(0) : nullptr;
+        const float* s = rotate ? sin.data_ptr<float>() + r * sin.stride(0) : nullptr;
+        for (int64_t h = 0; h < H; ++h) {
+          if (rotate) rotate_head(in + h * D, q0 + (r * H + h) * D, c, s, D);
+          else std::memcpy(q0 + (r * H + h) * D, in + h * D, D * sizeof(T));
+        }
+        for (int64_t h = 0; h < KVH; ++h) {
+          const int64_t at = ((r * KVH + h) * L + sp[r]) * D;
+          if (rotate) rotate_head(in + (H + h) * D, k0 + at, c, s, D);
+          else std::memcpy(k0 + at, in + (H + h) * D, D * sizeof(T));
+          std::memcpy(v0 + at, in + (H + KVH + h) * D, D * sizeof(T));
+        }
+      }
+    });
+  };
+  if (qkv.scalar_type() == torch::kFloat)
+    run(qkv.data_ptr<float>(), q.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>());
+  else
+    run(qkv.data_ptr<at::BFloat16>(), q.data_ptr<at::BFloat16>(), keys.data_ptr<at::BFloat16>(),
+        values.data_ptr<at::BFloat16>());
+  return q;
 }
 
 // silu(gate) * up, the SiLU rounded to the dtype before the product (as two PyTorch operators would).
@@ -224,7 +324,10 @@ bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_sup
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("rms_norm", &rms_norm, release(), "RMSNorm as the model's module (fp32 / bf16)");
+  m.def("add_rms_norm", &add_rms_norm, release(), "x += y in place, then RMSNorm of x (fp32 / bf16)");
   m.def("rope", &rope, release(), "RoPE as apply_rope (fp32 / bf16)");
+  m.def("rope_append", &rope_append, release(),
+        "one decoding step: rotate q and k, write k and v into the slot cache (fp32 / bf16)");
   m.def("silu_mul", &silu_mul, release(), "silu(gate) * up (fp32 / bf16)");
   m.def("argmax_rows", &argmax_rows, release(), "first index of each row's maximum (fp32 / bf16)");
   m.def("supported", &supported, "the CPU runs this kernel");
