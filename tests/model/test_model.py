@@ -118,6 +118,47 @@ def test_packed_batch_equals_documents_alone(pos, impl):
 
 
 @pytest.mark.parametrize("pos", POSITIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 2])
+@torch.no_grad()
+def test_packed_segments_attend_per_segment_as_the_dense_mask_says(monkeypatch, pos, dtype, groups):
+    """Inference over packed segments (no cache before them, CPU) runs one SDPA per segment length instead of
+    one dense segment mask: the same outputs as the mask, for equal and unequal lengths, padding (id 0),
+    two rows, and a grouped key/value cache."""
+    from baichuan2.model import model as model_module
+    from baichuan2.model.model import kv_head_groups, segment_runs
+
+    model = make(pos).to(dtype)
+    cfg = model.config
+    h, d = cfg.hidden_size, cfg.head_dim
+    for layer in model.model.layers:  # heads 2j and 2j+1 share their key/value projections
+        kv = layer.self_attn.W_pack.weight.data[h:].view(2, cfg.num_attention_heads // groups, groups, d, h)
+        kv[:, :, 1:] = kv[:, :, :1]
+    assert kv_head_groups(model) == groups
+    ids = torch.randint(3, 512, (2, 24))
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [3] * 5 + [4] * 7,  # lengths 5, 7, 5, 7: stacked in pairs
+                             [0] * 3 + [1] * 9 + [2] * 5 + [3] * 4 + [0] * 3])  # padding on both sides
+    assert segment_runs(segments)[1] == [(0, 3, 0), (3, 12, 1), (12, 17, 2), (17, 21, 3), (21, 24, 0)]
+    assert segment_runs(torch.tensor([[1, 1, 2, 1]])) is None  # an id back after a gap: only the mask is right
+    calls = []
+    monkeypatch.setattr(model_module, "segmented_attention",
+                        lambda *a, _f=model_module.segmented_attention: calls.append(1) or _f(*a))
+
+    def run():
+        cache = KVCache.for_model(model, 2, 24, kv_groups=groups)
+        return model(ids, attention_mask=segments, cache=cache).logits.float(), cache.keys[0].float()
+
+    (fast, fast_keys), used = run(), bool(calls)
+    monkeypatch.setattr(model_module, "segment_runs", lambda mask: None)
+    dense, dense_keys = run()
+    assert used and len(calls) == 1
+    real = segments != 0  # padding positions' outputs are never used (and see only themselves either way)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fast[real], dense[real], atol=tol * dense.abs().max().item(), rtol=0)
+    assert torch.equal(fast_keys, dense_keys)
+
+
+@pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("side", ["left", "right"])
 @torch.no_grad()
 def test_padded_batch_equals_single_sequences(pos, side):

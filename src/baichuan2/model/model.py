@@ -425,6 +425,53 @@ def build_attention_bias(q_len: int, kv_len: int, device: torch.device, dtype: t
     return bias.to(dtype), False
 
 
+def segment_runs(attention_mask: torch.Tensor) -> list[list[tuple[int, int, int]]] | None:
+    """``(start, end, id)`` of every run of equal ids in each row of a segment-id / padding mask (0 =
+    padding), or None when some nonzero id comes back after a gap (then only the dense mask is right)."""
+    runs = []
+    for row in attention_mask.tolist():
+        out, seen = [], set()
+        for i, seg in enumerate(row):
+            if out and out[-1][2] == seg:
+                out[-1][1] = i + 1
+                continue
+            if seg and seg in seen:
+                return None
+            seen.add(seg)
+            out.append([i, i + 1, seg])
+        runs.append([tuple(r) for r in out])
+    return runs
+
+
+def segmented_attention(runs: list[list[tuple[int, int, int]]], slopes: torch.Tensor | None, dtype: torch.dtype):
+    """``attend(q, k, v)`` for a pass over packed segments with nothing cached before them (CPU inference:
+    a batch of prompts prefilled in one row): each segment attends causally to itself only, as the dense
+    segment mask says, but without the mask: segments of one length are stacked into one SDPA call, so the
+    work is the sum of the segments' squares, not the square of their sum (64 short prompts packed into 933
+    tokens on SmolLM2: 2.0 s of masked SDPA over 30 layers before, 0.2 s now), and each segment's numbers
+    are those of the call a prompt prefilled alone makes. A padding position (id 0) sees only itself."""
+    by_length: dict[int, list[tuple[int, int, int]]] = {}  # segments of one length go through one SDPA call
+    padding = []
+    for row, row_runs in enumerate(runs):
+        for start, end, seg in row_runs:
+            (by_length.setdefault(end - start, []) if seg else padding).append((row, start, end))
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        groups = q.shape[1] // k.shape[1]
+        out = q.new_empty(q.shape, dtype=k.dtype)
+        for row, start, end in padding:
+            out[row, :, start:end] = v[row, :, start:end].repeat_interleave(groups, 0)
+        for n, segs in by_length.items():
+            mask, is_causal = build_attention_bias(n, n, q.device, dtype, None, slopes)
+            qs, ks, vs = (torch.stack([x[row, :, start:end] for row, start, end in segs]) for x in (q, k, v))
+            y = F.scaled_dot_product_attention(qs.to(k.dtype), ks, vs, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=groups > 1)
+            for (row, start, end), part in zip(segs, y):
+                out[row, :, start:end] = part
+        return out
+    return attend
+
+
 @dataclass
 class AttentionBias:
     """How every layer of one forward pass attends: built once per forward, shared by all layers."""
@@ -791,6 +838,9 @@ class BaichuanModel(nn.Module):
             from baichuan2.model.flex import flex_attention_bias
 
             bias = AttentionBias(attend=flex_attention_bias(t, attention_mask, slopes, x.device))
+        elif attention_mask is not None and past == 0 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+                and (runs := segment_runs(attention_mask)) is not None:
+            bias = AttentionBias(attend=segmented_attention(runs, slopes, _compute_dtype(x)))
         else:
             mask, is_causal = build_attention_bias(t, past + t, x.device, _compute_dtype(x), attention_mask, slopes)
             bias = AttentionBias(mask=mask, is_causal=is_causal)
