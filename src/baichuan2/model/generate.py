@@ -512,9 +512,10 @@ class Batcher:
         out, start = {}, 0
         for req in group:
             end = start + len(req.prompt)
-            for layer in range(len(packed.keys)):
-                req.prefill.keys[layer][0, :, :end - start] = packed.keys[layer][0, :, start:end]
-                req.prefill.values[layer][0, :, :end - start] = packed.values[layer][0, :, start:end]
+            # views of the packed cache, not copies: the prompt is complete, so its prefill cache is only read
+            # (into its slot row and the prefix cache) before it is dropped
+            req.prefill.keys = [k[:, :, start:end] for k in packed.keys]
+            req.prefill.values = [v[:, :, start:end] for v in packed.values]
             req.prefill.lengths = [end - start] * len(packed.keys)
             out[req] = hidden[:, start:end]
             start = end
