@@ -221,6 +221,7 @@ class SlotKVCache:
         self._rows = 0
         self._starts = torch.zeros(0, dtype=torch.long)
         self._t = 0
+        self._flat: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model: Baichuan, slots: int, max_len: int, kv_groups: int = 1) -> SlotKVCache:
@@ -269,11 +270,7 @@ class SlotKVCache:
                 self.finite[r] = end
         self._starts = torch.tensor(lengths, dtype=torch.long, device=self.device)
         self._t = t
-        if t == 1:  # flat [row, head, position] offsets of this step's keys/values, shared by every layer
-            heads = torch.arange(self.kv_heads, device=self.device)
-            rows = torch.arange(self._rows, device=self.device)
-            self._flat = ((rows[:, None] * self.kv_heads + heads[None]) * self.max_len
-                          + self._starts[:, None]).flatten()
+        self._flat = None  # made by the first `update` of a one-token step (the fused decode step needs none)
         return self._starts[:, None] + torch.arange(t, device=self.device)[None], kv_len
 
     def ragged_bias(self, kv_len: int, dtype: torch.dtype, slopes: torch.Tensor | None) -> torch.Tensor | None:
@@ -296,6 +293,11 @@ class SlotKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if t == 1:  # one decoding step: a scatter at each row's own position (index_copy_ on flat offsets:
             # ~10x cheaper than advanced-index assignment at 64 rows)
+            if self._flat is None:  # flat [row, head, position] offsets of this step, shared by every layer
+                heads = torch.arange(self.kv_heads, device=self.device)
+                rows = torch.arange(self._rows, device=self.device)
+                self._flat = ((rows[:, None] * self.kv_heads + heads[None]) * self.max_len
+                              + self._starts[:, None]).flatten()
             d = keys.shape[-1]
             keys.view(-1, d).index_copy_(0, self._flat, key_states.reshape(-1, d).to(keys.dtype))
             values.view(-1, d).index_copy_(0, self._flat, value_states.reshape(-1, d).to(values.dtype))
@@ -680,7 +682,6 @@ class Attention(nn.Module):
             cos, sin = rope[0].squeeze(2), rope[1].squeeze(2)  # [b, t, 1, d]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
 
     def grouped_projection(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """``x`` times the rows of ``W_pack`` for every query head and the first key/value head of each group:

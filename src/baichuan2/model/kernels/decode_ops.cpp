@@ -175,11 +175,9 @@ torch::Tensor rope_append(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
                   keys.scalar_type() == values.scalar_type(),
               "rope_append: keys/values must be contiguous [slots, kv_heads, length, head_dim] of one dtype");
   const int64_t KVH = keys.size(1), L = keys.size(2), D = keys.size(3), R = qkv.size(0);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (H + 2 * KVH) * D && qkv.stride(1) == 1 &&
-                  qkv.scalar_type() == keys.scalar_type(),
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (H + 2 * KVH) * D && qkv.scalar_type() == keys.scalar_type(),
               "rope_append: qkv must be [rows, (heads + 2 kv_heads) * head_dim] in the cache's dtype");
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat || qkv.scalar_type() == torch::kBFloat16,
-              "rope_append: dtype must be float32 or bfloat16");
+  check_rows(qkv, (H + 2 * KVH) * D, "rope_append");
   TORCH_CHECK(D % 32 == 0 && H % KVH == 0 && R <= keys.size(0), "rope_append: head_dim / heads / rows");
   const bool rotate = cos.numel() > 0;
   if (rotate)
