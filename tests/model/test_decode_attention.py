@@ -42,7 +42,8 @@ def _reference(q, k, v, lengths, slopes):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d,heads,kv_heads", [(64, 9, 3), (128, 4, 4), (80, 6, 2), (64, 40, 40)])
+@pytest.mark.parametrize("d,heads,kv_heads", [(64, 9, 3), (128, 4, 4), (80, 6, 2), (64, 40, 40), (64, 8, 1), (128, 10, 2),
+                                               (256, 4, 2), (16, 6, 1)])
 @pytest.mark.parametrize("alibi", [False, True])
 def test_equals_float64_softmax_over_each_rows_own_keys(dtype, d, heads, kv_heads, alibi):
     kernel = cpu_kernels.load_decode_attention()

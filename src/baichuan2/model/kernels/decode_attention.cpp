@@ -9,7 +9,8 @@
 // the cache, so bytes read is the cost.
 //
 // Grouped-query attention: the G = heads / kv_heads query heads of a group read their key/value head
-// together (the cache holds one head per group). ALiBi: score += slope[h] * (k - q) with q = the row's
+// together (the cache holds one head per group): each block of keys is widened to fp32 once for all G, and
+// each value vector is loaded once for all G (their outputs accumulate side by side in registers). ALiBi: score += slope[h] * (k - q) with q = the row's
 // last position (Baichuan 2 13B). Every (row, head) is computed alone, in the same order whatever else is
 // in the batch, so batched and unbatched decoding give identical outputs.
 // Built on first use by baichuan2.model.cpu_kernels (torch.utils.cpp_extension.load).
@@ -20,6 +21,7 @@
 #include "avx512_common.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -40,74 +42,130 @@ static inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
+// Keys or values [n, D] of one row (`stride` elements apart) as fp32 rows of D in `dst`: a bf16 block is
+// widened ONCE, not once per query head that reads it.
+template <typename T, int C>
+static inline void widen(const T* src, int64_t stride, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(dst + j * 16 * C + 16 * c, load16(src + j * stride + 16 * c));
+}
+
+// The cache lines of rows [0, n) (`stride` elements apart) into L1 ahead of use: one row's keys span
+// pages, and the hardware prefetcher does not follow a stream past a page.
+template <typename T, int C>
+static inline void prefetch_rows(const T* p, int64_t stride, int64_t n, int hint) {
+  constexpr int64_t bytes = 16 * C * (int64_t)sizeof(T);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t b = 0; b < bytes; b += 64) {
+      const char* a = reinterpret_cast<const char*>(p + j * stride) + b;
+      if (hint == 0) _mm_prefetch(a, _MM_HINT_T0); else _mm_prefetch(a, _MM_HINT_T1);
+    }
+}
+
+// out[g] += sum_j w[g][j] * v[j] for NG queries at once (NG * C accumulators in registers, each value
+// vector loaded once for all of them); two interleaved sets when that leaves the FMA chains too few.
+template <typename T, int C, int NG>
+static inline void weigh_values(const T* v, int64_t stride, int64_t L, const float* w, int64_t w_stride, float* out,
+                                int64_t out_stride, float inv_sum[]) {
+  constexpr int SETS = NG * C <= 8 ? 2 : 1;
+  __m512 acc[SETS][NG][C];
+  for (int s = 0; s < SETS; ++s)
+    for (int g = 0; g < NG; ++g)
+      for (int c = 0; c < C; ++c) acc[s][g][c] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + SETS <= L; j += SETS) {
+    if ((j & 15) == 0 && j + 32 <= L) prefetch_rows<T, C>(v + (j + 16) * stride, stride, 16, 0);
+    for (int s = 0; s < SETS; ++s) {
+      __m512 x[C];
+      for (int c = 0; c < C; ++c) x[c] = load16(v + (j + s) * stride + 16 * c);
+      for (int g = 0; g < NG; ++g) {
+        const __m512 p = _mm512_set1_ps(w[g * w_stride + j + s]);
+        for (int c = 0; c < C; ++c) acc[s][g][c] = _mm512_fmadd_ps(p, x[c], acc[s][g][c]);
+      }
+    }
+  }
+  for (; j < L; ++j) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 x = load16(v + j * stride + 16 * c);
+      for (int g = 0; g < NG; ++g) acc[0][g][c] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * w_stride + j]), x, acc[0][g][c]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < C; ++c) {
+      __m512 a = acc[0][g][c];
+      if constexpr (SETS == 2) a = _mm512_add_ps(a, acc[1][g][c]);
+      _mm512_storeu_ps(out + g * out_stride + 16 * c, _mm512_mul_ps(a, _mm512_set1_ps(inv_sum[g])));
+    }
+}
+
 // One (row, key/value head): G queries q [G, D] (fp32, already times the softmax scale) over keys/values
-// k, v [L, D] (positions `stride` elements apart); scores s [G, L] scratch; out [G, D] (q_stride apart).
+// k, v [L, D] (positions `stride` elements apart); s [G, L] and kb [16, D] scratch; out [G, D] (out_stride
+// apart). Keys go in blocks of 16, each widened to fp32 once for all G queries; a last partial block
+// computes its missing keys as zero products and masks them (nothing past L is read), so a row's numbers
+// depend on its own length only. Values are read once for all G queries (`weigh_values`).
 template <typename T, int C>  // C = D / 16 vectors per head (template: accumulators stay in registers)
 static void attend(const float* q, const T* k, const T* v, int64_t stride, int64_t L, int64_t G,
-                   const float* slopes, float* s, float* out, int64_t out_stride) {
+                   const float* slopes, float* s, float* kb, float* out, int64_t out_stride) {
   constexpr int D = 16 * C;
-  for (int64_t g = 0; g < G; ++g) {  // scores: the first query streams the keys in, the others hit L2
-    __m512 qv[C];
-    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + 16 * c);
-    float* sg = s + g * L;
-    const float slope = slopes ? slopes[g] : 0.f;
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 mxv = _mm512_set1_ps(-INFINITY);
-    int64_t l0 = 0;
-    for (; l0 + 16 <= L; l0 += 16) {  // 16 keys at a time: one vector of 16 scores
-      __m512 acc[16];
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  float mx[64], inv_sum[64];
+  __m512 mxv[64];
+  for (int64_t g = 0; g < G; ++g) mxv[g] = _mm512_set1_ps(-INFINITY);
+  for (int64_t l0 = 0; l0 < L; l0 += 16) {  // scores
+    const int64_t n = L - l0 < 16 ? L - l0 : 16;
+    const __mmask16 valid = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
+    if (l0 + 16 < L) prefetch_rows<T, C>(k + (l0 + 16) * stride, stride, L - l0 - 16 < 16 ? L - l0 - 16 : 16, 0);
+    widen<T, C>(k + l0 * stride, stride, n, kb);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 qv[C];
+      for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + 16 * c);
+      __m512 dots[16];
       for (int j = 0; j < 16; ++j) {
-        const T* kl = k + (l0 + j) * stride;
-        acc[j] = _mm512_mul_ps(qv[0], load16(kl));
-        for (int c = 1; c < C; ++c) acc[j] = _mm512_fmadd_ps(qv[c], load16(kl + 16 * c), acc[j]);
+        if (j < n) {
+          dots[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kb + j * D));
+          for (int c = 1; c < C; ++c) dots[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kb + j * D + 16 * c), dots[j]);
+        } else {
+          dots[j] = _mm512_setzero_ps();
+        }
       }
-      __m512 x = sum16(acc);
+      __m512 x = sum16(dots);
       if (slopes) {
         const __m512 rel = _mm512_add_ps(iota, _mm512_set1_ps((float)(l0 - (L - 1))));
-        x = _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(slope), rel));
+        x = _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(slopes[g]), rel));
       }
-      _mm512_storeu_ps(sg + l0, x);
-      mxv = _mm512_max_ps(mxv, x);
+      _mm512_mask_storeu_ps(s + g * L + l0, valid, x);
+      mxv[g] = _mm512_mask_max_ps(mxv[g], valid, mxv[g], x);
     }
-    float mx = _mm512_reduce_max_ps(mxv);
-    for (int64_t l = l0; l < L; ++l) {  // the last L % 16 keys one by one
-      const T* kl = k + l * stride;
-      __m512 acc = _mm512_mul_ps(qv[0], load16(kl));
-      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(kl + 16 * c), acc);
-      float x = _mm512_reduce_add_ps(acc);
-      if (slopes) x += slope * (float)(l - (L - 1));
-      sg[l] = x;
-      mx = x > mx ? x : mx;
-    }
-    __m512 m = _mm512_set1_ps(mx), sum = _mm512_setzero_ps();
-    int64_t l = 0;
-    for (; l + 16 <= L; l += 16) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + l), m));
-      _mm512_storeu_ps(sg + l, e);
+  }
+  if (L > 16) prefetch_rows<T, C>(v, stride, 16, 0);  // the values' first block, while the weights are made
+  for (int64_t g = 0; g < G; ++g) {  // softmax weights (unnormalised) and their sums
+    float* sg = s + g * L;
+    mx[g] = _mm512_reduce_max_ps(mxv[g]);
+    const __m512 m = _mm512_set1_ps(mx[g]);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t l = 0; l < L; l += 16) {
+      const __mmask16 valid = (__mmask16)(L - l >= 16 ? 0xFFFF : (1u << (L - l)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, sg + l), m)));
+      _mm512_mask_storeu_ps(sg + l, valid, e);
       sum = _mm512_add_ps(sum, e);
     }
-    if (l < L) {
-      __mmask16 tail = (__mmask16)((1u << (L - l)) - 1);
-      __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + l), m));
-      _mm512_mask_storeu_ps(sg + l, tail, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    inv_sum[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  constexpr int NG = C <= 4 ? 4 : C <= 8 ? 2 : 1;  // queries weighed together: NG * C <= 16 accumulators
+  for (int64_t g = 0; g < G; g += NG) {
+    float* o = out + g * out_stride;
+    switch (G - g < NG ? G - g : NG) {
+      case 1: weigh_values<T, C, 1>(v, stride, L, s + g * L, L, o, out_stride, inv_sum + g); break;
+      case 2: if constexpr (NG >= 2) weigh_values<T, C, 2>(v, stride, L, s + g * L, L, o, out_stride, inv_sum + g); break;
+      case 3: if constexpr (NG >= 3) weigh_values<T, C, 3>(v, stride, L, s + g * L, L, o, out_stride, inv_sum + g); break;
+      default: if constexpr (NG >= 4) weigh_values<T, C, 4>(v, stride, L, s + g * L, L, o, out_stride, inv_sum + g); break;
     }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum);
-    __m512 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; ++j) {
-      const T* vl = v + j * stride;
-      __m512 p = _mm512_set1_ps(sg[j]);
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vl + 16 * c), acc[c]);
-    }
-    __m512 iv = _mm512_set1_ps(inv);
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * out_stride + 16 * c, _mm512_mul_ps(acc[c], iv));
   }
 }
 
 template <typename T>
 using AttendFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, const float*, float*, float*,
-                          int64_t);
+                          float*, int64_t);
 
 template <typename T>
 static AttendFn<T> pick(int64_t D) {
@@ -135,6 +193,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides() && k.size(0) == B && k.size(3) == D,
               "decode_attention: k/v shapes");
   TORCH_CHECK(H % KVH == 0, "decode_attention: heads do not split into key/value groups");
+  TORCH_CHECK(H / KVH <= 64, "decode_attention: more than 64 query heads per key/value head");
   TORCH_CHECK(k.stride(3) == 1 && q.stride(3) == 1, "decode_attention: last dimension must be contiguous");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k/v dtypes differ");
   TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.numel() == B, "decode_attention: lengths");
@@ -161,12 +220,17 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     AttendFn<T> fn = pick<T>(D);
     TORCH_CHECK(fn != nullptr, "decode_attention: head_dim ", D, " not supported");
     at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(G * longest);
+      std::vector<float> scores(G * longest), kb(16 * D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = i / KVH, h = i % KVH;
         const int64_t off = r * ks0 + h * ks1;
+        if (i + 1 < end) {  // the next (row, head)'s first keys: a new stream, which this one's work hides
+          const int64_t r1 = (i + 1) / KVH, off1 = r1 * ks0 + ((i + 1) % KVH) * ks1;
+          for (int64_t j = 0; j < std::min<int64_t>(len[r1], 16); ++j)
+            _mm_prefetch(reinterpret_cast<const char*>(kp + off1 + j * ks2), _MM_HINT_T1);
+        }
         fn(qp + (r * H + h * G) * D, kp + off, vp + off, ks2, len[r], G, sp ? sp + h * G : nullptr,
-           scores.data(), op + (r * H + h * G) * D, D);
+           scores.data(), kb.data(), op + (r * H + h * G) * D, D);
       }
     });
   };
