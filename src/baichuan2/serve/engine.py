@@ -25,8 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from baichuan2.model.generate import Batcher, Request, SamplingConfig
 from baichuan2.serve.metrics import Metrics
+from baichuan2.serve.threads import ThreadTuner
 from baichuan2.tokenizer.chat import Message, build_chat_input
 from baichuan2.utils.io import InputError
 
@@ -105,11 +108,17 @@ class Engine:
         prefill_chunk: prompt tokens computed per iteration (long prompts do not stall running streams).
         prefix_cache_tokens: prompt-prefix tokens kept for reuse (0 = off).
         stall_timeout: seconds without progress while work is pending after which `healthy` is False.
+        threads: intra-op threads of the scheduler's steps; 0 = chosen while serving between N - 1 and N
+            (N = torch's thread count when the engine starts, one per physical core) from measured step
+            times (`ThreadTuner`): N - 1 leaves a core to the event loop and wins under background load,
+            N wins on an idle machine.
     """
 
     def __init__(self, checkpoint: str, dtype: str = "auto", device: str = "auto", max_seqs: int = 64,
                  max_queue: int = 512, kv_cache_tokens: int | None = None, prefill_chunk: int = 256,
-                 prefix_cache_tokens: int = 16384, stall_timeout: float = 60.0, quantize: str | None = None):
+                 prefix_cache_tokens: int = 16384, stall_timeout: float = 60.0, quantize: str | None = None,
+                 threads: int = 0):
+
         from baichuan2.model.checkpoint import load_pretrained
         from baichuan2.tokenizer import Tokenizer
 
@@ -128,6 +137,9 @@ class Engine:
                                kv_budget_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk,
                                prefix_cache_tokens=prefix_cache_tokens)
         self.max_queue, self.stall_timeout = max_queue, stall_timeout
+        cores = torch.get_num_threads()
+        auto = threads <= 0 and self.model.device.type == "cpu" and cores > 1
+        self.tuner = ThreadTuner((cores - 1, cores) if auto else (threads if threads > 0 else cores,))
         self.metrics = Metrics(self)
         self._incoming: deque[Request] = deque()
         # tokens for event-loop streams, gathered over one scheduler step and handed to each loop in ONE
@@ -240,8 +252,13 @@ class Engine:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            b = self.batcher
+            key = None if b.waiting or b.prefilling else len(b.running)  # decode-only steps are comparable
+            self.tuner.threads_for(key)
             try:
-                self.batcher.step()
+                start = time.perf_counter()
+                b.step()
+                self.tuner.record(key, time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 - one bad step must not leave clients waiting forever
                 log.exception("scheduler step failed")
                 self.error = f"{type(e).__name__}: {e}"

@@ -32,6 +32,10 @@ class Metrics:
         Gauge("baichuan2_prefix_cache_hit_ratio", "Share of admitted prompts that reused a cached prefix",
               registry=r).set_function(lambda: (b.prefix_cache.hits / b.prefix_cache.queries)
                                        if b.prefix_cache and b.prefix_cache.queries else 0.0)
+        Gauge("baichuan2_scheduler_threads", "Intra-op threads of the scheduler's steps (chosen while serving)",
+              registry=r).set_function(lambda: engine.tuner.current)
+        Gauge("baichuan2_scheduler_thread_switches", "Times the measured step times changed the thread count",
+              registry=r).set_function(lambda: engine.tuner.switches)
         self.ttft = Histogram("baichuan2_time_to_first_token_seconds", "Time from arrival to the first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("baichuan2_inter_token_latency_seconds", "Time between consecutive tokens",

@@ -304,24 +304,21 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, model_name
             max_seqs x context length).
         prefill_chunk: Prompt tokens computed per scheduler iteration.
         prefix_cache_tokens: Prompt-prefix tokens kept for reuse (0 = off).
-        threads: torch intra-op threads (0 = one per physical core, less one for the server's own threads).
+        threads: torch intra-op threads of the model's steps (0 = chosen while serving from measured step
+            times, between one per physical core and one fewer, which leaves a core to the HTTP server
+            and wins when other processes load the machine).
         shutdown_deadline: Seconds active streams get to finish after SIGTERM.
         quantize: int8 | int4: weight-only quantize a full-precision checkpoint on load.
     """
     import logging
     import os
 
-    import torch
     import uvicorn
 
-    # One intra-op thread fewer than torch's default (one per physical core): the event loop and the
-    # scheduler need a core too, and an OpenMP team with a descheduled member stalls every matmul at its
-    # barrier (measured on 2 shared cores: 2 threads 20-300x slower per matmul than 1 under load).
-    torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     engine = Engine(checkpoint, dtype=dtype, device=device, max_seqs=max_seqs, max_queue=max_queue,
                     kv_cache_tokens=kv_cache_tokens, prefill_chunk=prefill_chunk,
-                    prefix_cache_tokens=prefix_cache_tokens, quantize=quantize)
+                    prefix_cache_tokens=prefix_cache_tokens, quantize=quantize, threads=threads)
     name = model_name or Path(os.path.abspath(checkpoint)).name
     app = create_app(engine, name, api_key or os.environ.get("BAICHUAN2_API_KEY"), max_tokens)
 
