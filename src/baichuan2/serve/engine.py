@@ -118,7 +118,6 @@ class Engine:
                  max_queue: int = 512, kv_cache_tokens: int | None = None, prefill_chunk: int = 256,
                  prefix_cache_tokens: int = 16384, stall_timeout: float = 60.0, quantize: str | None = None,
                  threads: int = 0):
-
         from baichuan2.model.checkpoint import load_pretrained
         from baichuan2.tokenizer import Tokenizer
 
