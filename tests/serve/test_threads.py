@@ -101,8 +101,9 @@ def test_a_fixed_count_never_changes():
 
 
 def test_the_engine_chooses_its_threads_from_its_own_step_times(checkpoint, monkeypatch):
-    """On CPU the default engine tunes between N - 1 and N threads; steps that run 4x faster with N make it
-    switch (the step time is simulated: the real difference depends on the machine)."""
+    """On CPU the default engine tunes between N - 1 and N threads; steps that take 40 ms longer with N - 1
+    make it settle on N (the step time is simulated, far above what load does to a tiny model's real steps:
+    the real difference depends on the machine)."""
     import time
 
     from baichuan2.serve.engine import Engine
@@ -119,17 +120,19 @@ def test_the_engine_chooses_its_threads_from_its_own_step_times(checkpoint, monk
             assert engine.tuner.fixed
             return
         assert engine.tuner.choices == [n - 1, n] and engine.tuner.current == n - 1
-        step = engine.batcher.step
+        step, used = engine.batcher.step, []
 
         def timed_step():
             step()
-            time.sleep(0.002 if torch.get_num_threads() == n else 0.008)
+            used.append(torch.get_num_threads())
+            time.sleep(0.0 if used[-1] == n else 0.040)
 
         monkeypatch.setattr(engine.batcher, "step", timed_step)
         cfg = engine.sampling(max_new_tokens=120, do_sample=False, stop_token_ids=[])
         done = engine.complete(engine.text_prompt("Hello", 120), cfg)
         assert done.completion_tokens == 120
-        assert engine.tuner.current == n and engine.tuner.switches == 1
+        assert engine.tuner.current == n and engine.tuner.switches >= 1
+        assert used[-60:].count(n) >= 50  # settled: the other count only probed now and then
         assert engine.metrics.registry.get_sample_value("baichuan2_scheduler_threads") == n
     finally:
         engine.close()
