@@ -10,8 +10,8 @@
 //
 // Grouped-query attention: the G = heads / kv_heads query heads of a group read their key/value head
 // together (the cache holds one head per group): each block of keys is widened to fp32 once for all G, and
-// each value vector is loaded once for all G (their outputs accumulate side by side in registers). ALiBi: score += slope[h] * (k - q) with q = the row's
-// last position (Baichuan 2 13B). Every (row, head) is computed alone, in the same order whatever else is
+// each value vector is loaded once for all G (their outputs accumulate side by side in registers).
+// ALiBi: score += slope[h] * (k - q) with q = the row's last position (Baichuan 2 13B). Every (row, head) is computed alone, in the same order whatever else is
 // in the batch, so batched and unbatched decoding give identical outputs.
 // Built on first use by baichuan2.model.cpu_kernels (torch.utils.cpp_extension.load).
 #include <torch/extension.h>
@@ -42,8 +42,8 @@ static inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-// Keys or values [n, D] of one row (`stride` elements apart) as fp32 rows of D in `dst`: a bf16 block is
-// widened ONCE, not once per query head that reads it.
+// Keys [n, D] of one row (`stride` elements apart) as fp32 rows of D in `dst`: a bf16 block is widened
+// ONCE, not once per query head that reads it.
 template <typename T, int C>
 static inline void widen(const T* src, int64_t stride, int64_t n, float* dst) {
   for (int64_t j = 0; j < n; ++j)
@@ -53,13 +53,11 @@ static inline void widen(const T* src, int64_t stride, int64_t n, float* dst) {
 // The cache lines of rows [0, n) (`stride` elements apart) into L1 ahead of use: one row's keys span
 // pages, and the hardware prefetcher does not follow a stream past a page.
 template <typename T, int C>
-static inline void prefetch_rows(const T* p, int64_t stride, int64_t n, int hint) {
+static inline void prefetch_rows(const T* p, int64_t stride, int64_t n) {
   constexpr int64_t bytes = 16 * C * (int64_t)sizeof(T);
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t b = 0; b < bytes; b += 64) {
-      const char* a = reinterpret_cast<const char*>(p + j * stride) + b;
-      if (hint == 0) _mm_prefetch(a, _MM_HINT_T0); else _mm_prefetch(a, _MM_HINT_T1);
-    }
+    for (int64_t b = 0; b < bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p + j * stride) + b, _MM_HINT_T0);
 }
 
 // out[g] += sum_j w[g][j] * v[j] for NG queries at once (NG * C accumulators in registers, each value
@@ -74,7 +72,7 @@ static inline void weigh_values(const T* v, int64_t stride, int64_t L, const flo
       for (int c = 0; c < C; ++c) acc[s][g][c] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + SETS <= L; j += SETS) {
-    if ((j & 15) == 0 && j + 32 <= L) prefetch_rows<T, C>(v + (j + 16) * stride, stride, 16, 0);
+    if ((j & 15) == 0 && j + 32 <= L) prefetch_rows<T, C>(v + (j + 16) * stride, stride, 16);
     for (int s = 0; s < SETS; ++s) {
       __m512 x[C];
       for (int c = 0; c < C; ++c) x[c] = load16(v + (j + s) * stride + 16 * c);
@@ -108,13 +106,13 @@ static void attend(const float* q, const T* k, const T* v, int64_t stride, int64
                    const float* slopes, float* s, float* kb, float* out, int64_t out_stride) {
   constexpr int D = 16 * C;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  float mx[64], inv_sum[64];
+  float inv_sum[64];
   __m512 mxv[64];
   for (int64_t g = 0; g < G; ++g) mxv[g] = _mm512_set1_ps(-INFINITY);
   for (int64_t l0 = 0; l0 < L; l0 += 16) {  // scores
     const int64_t n = L - l0 < 16 ? L - l0 : 16;
     const __mmask16 valid = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
-    if (l0 + 16 < L) prefetch_rows<T, C>(k + (l0 + 16) * stride, stride, L - l0 - 16 < 16 ? L - l0 - 16 : 16, 0);
+    if (l0 + 16 < L) prefetch_rows<T, C>(k + (l0 + 16) * stride, stride, L - l0 - 16 < 16 ? L - l0 - 16 : 16);
     widen<T, C>(k + l0 * stride, stride, n, kb);
     for (int64_t g = 0; g < G; ++g) {
       __m512 qv[C];
@@ -137,11 +135,10 @@ static void attend(const float* q, const T* k, const T* v, int64_t stride, int64
       mxv[g] = _mm512_mask_max_ps(mxv[g], valid, mxv[g], x);
     }
   }
-  if (L > 16) prefetch_rows<T, C>(v, stride, 16, 0);  // the values' first block, while the weights are made
+  if (L > 16) prefetch_rows<T, C>(v, stride, 16);  // the values' first block, while the weights are made
   for (int64_t g = 0; g < G; ++g) {  // softmax weights (unnormalised) and their sums
     float* sg = s + g * L;
-    mx[g] = _mm512_reduce_max_ps(mxv[g]);
-    const __m512 m = _mm512_set1_ps(mx[g]);
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mxv[g]));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t l = 0; l < L; l += 16) {
       const __mmask16 valid = (__mmask16)(L - l >= 16 ? 0xFFFF : (1u << (L - l)) - 1);
